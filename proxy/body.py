@@ -1,0 +1,88 @@
+"""Reading the client's request body under the size limit and the body deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.context import RequestContext
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class BodyError(Exception):
+    status = 400
+    slug = "bad-request-body"
+    title = "Bad request body"
+    error_type = "request_body"
+
+
+class BodyTooLarge(BodyError):
+    status = 413
+    slug = "body-too-large"
+    title = "Request body too large"
+    error_type = "request_body_too_large"
+
+
+class BodyTimeout(BodyError):
+    status = 408
+    slug = "body-timeout"
+    title = "Request body timed out"
+    error_type = "request_body_timeout"
+
+
+class ClientGone(BodyError):
+    status = 499
+    slug = "client-closed"
+    title = "Client closed the connection"
+    error_type = "client_disconnect"
+
+
+def has_body(request: web.BaseRequest) -> bool:
+    return request.body_exists
+
+
+async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIterator[bytes]:
+    """Yield the request body as it arrives; raise BodyError subclasses on limit or deadline.
+
+    The failure is also recorded on the context, because a body consumer such as the upstream
+    client may wrap the exception in its own.
+    """
+    request = ctx.request
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(_CONTINUE)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise _fail(ctx, BodyTimeout(f"the request body did not arrive within {timeout:g}s"))
+        except Exception as exc:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise _fail(ctx, ClientGone("client disconnected during the request body")) from exc
+            raise _fail(ctx, BodyError(f"malformed request body: {exc}")) from exc
+        if not chunk:
+            if not content.is_eof():
+                raise _fail(ctx, ClientGone("client disconnected during the request body"))
+            return
+        ctx.request_body_size += len(chunk)
+        if ctx.request_body_size > max_size:
+            raise _fail(ctx, BodyTooLarge(f"the request body exceeds {max_size} bytes"))
+        yield chunk
+
+
+async def read(ctx: RequestContext, max_size: int, timeout: float) -> bytes:
+    """The whole request body, bounded by `max_size` and `timeout`."""
+    return b"".join([chunk async for chunk in stream(ctx, max_size, timeout)])
+
+
+def _fail(ctx: RequestContext, error: BodyError) -> BodyError:
+    ctx.error_type = error.error_type
+    ctx.request_error = error
+    return error

@@ -1,0 +1,95 @@
+"""Command line: `idemproxy run | check | version`, exit codes, and the event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from proxy import __version__, server
+from proxy.config import DEFAULT_PATH, Config, ConfigError, load
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idemproxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "serve with the given config"),
+        ("check", "validate the config, print it with every default resolved, and exit"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument(
+            "--config",
+            default=None,
+            help=f"config file (default: $IDEMPROXY_CONFIG, then {DEFAULT_PATH})",
+        )
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def config_path(arg: str | None) -> str:
+    return arg or os.environ.get("IDEMPROXY_CONFIG") or DEFAULT_PATH
+
+
+def route_table(config: Config) -> str:
+    rows = [("ROUTE", "MATCH", "METHODS", "UPSTREAM", "IDEMPOTENCY")]
+    for route in config.routes:
+        policy = route.idempotency
+        if policy.enabled:
+            scope = f"scope={policy.scope.header}" if policy.scope else "no scope"
+            idem = (
+                f"{','.join(policy.methods)} {'required' if policy.required else 'optional'} "
+                f"{scope}"
+            )
+        else:
+            idem = "off"
+        methods = ",".join(route.match.methods) if route.match.methods else "*"
+        rows.append((route.name, route.match.path_prefix, methods, route.upstream, idem))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def check(config: Config) -> str:
+    effective = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return f"{effective}\n{route_table(config)}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    if args.command == "version":
+        print(f"idemproxy {__version__}")
+        return EXIT_OK
+    path = config_path(args.config)
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"idemproxy: invalid config {path}:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        sys.stdout.write(check(config))
+        return EXIT_OK
+    run(config)
+    return EXIT_OK
+
+
+def run(config: Config) -> None:
+    try:
+        import uvloop
+    except ImportError:  # Windows: the default loop
+        asyncio.run(server.serve(config))
+    else:
+        uvloop.run(server.serve(config))

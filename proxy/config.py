@@ -1,0 +1,453 @@
+"""The YAML config: pydantic models, units, ${VAR} expansion, and errors that name the YAML path."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_PATH = "config/proxy.yaml"
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class ConfigError(Exception):
+    """One or more problems with a config file, each prefixed by its YAML path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> object:
+    """`250ms`, `30s`, `5m`, `24h`, `7d` -> seconds; bare numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 250ms, 30s or 24h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match[1]) * _DURATION_UNITS[match[2]]
+    raise ValueError(f"expected a duration like 250ms, 30s or 24h, got {value!r}")
+
+
+def format_duration(seconds: float) -> str:
+    for unit, factor in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= factor and (seconds / factor).is_integer():
+            return f"{int(seconds / factor)}{unit}"
+    return f"{round(seconds * 1000, 3):g}ms"
+
+
+def parse_size(value: object) -> object:
+    """`1MiB`, `16KiB`, `10MB`, `512` (bytes) -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 16KiB or 10MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            return int(float(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()])
+    raise ValueError(f"expected a size like 16KiB or 10MiB, got {value!r}")
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def parse_rate(value: object) -> object:
+    """`100/s`, `600/m`, `1000/h` -> requests per second."""
+    if isinstance(value, str):
+        match = _RATE_RE.match(value)
+        if match and float(match[1]) > 0:
+            return float(match[1]) / _RATE_UNITS[match[2]]
+    raise ValueError(f"expected a rate like 100/s, 600/m or 1000/h, got {value!r}")
+
+
+def format_rate(per_second: float) -> str:
+    return f"{per_second:g}/s"
+
+
+def _method(value: object) -> object:
+    if isinstance(value, str) and _TOKEN_RE.match(value):
+        return value.upper()
+    raise ValueError(f"not an HTTP method: {value!r}")
+
+
+def _header_name(value: object) -> object:
+    if isinstance(value, str) and _TOKEN_RE.match(value):
+        return value
+    raise ValueError(f"not a header name: {value!r}")
+
+
+def _http_url(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL like http://127.0.0.1:8080")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"an upstream URL cannot have a query or fragment: {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad port in URL {value!r}") from exc
+    return value.rstrip("/")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
+Method = Annotated[str, BeforeValidator(_method)]
+HeaderName = Annotated[str, BeforeValidator(_header_name)]
+HttpUrl = Annotated[str, BeforeValidator(_http_url)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Network = Annotated[
+    IPv4Network | IPv6Network,
+    BeforeValidator(lambda v: ip_network(v, strict=False) if isinstance(v, str) else v),
+    PlainSerializer(str),
+]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Listen(Model):
+    host: str = "0.0.0.0"
+    port: Port = 8000
+
+
+class Admin(Model):
+    host: str = "127.0.0.1"
+    port: Port = 9901
+
+
+class Store(Model):
+    url: str = "memory://"
+    timeout: Duration = 0.25
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    max_records: int = Field(default=100_000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = urlsplit(url).scheme
+        known = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
+        if scheme not in known:
+            raise ValueError(f"unknown store scheme {scheme!r}; use one of {', '.join(known)}")
+        return url
+
+
+class HealthCheck(Model):
+    path: str = "/healthz"
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    required: bool = True
+
+
+class CircuitBreaker(Model):
+    consecutive_failures: int = Field(default=5, ge=1)
+    open_for: Duration = 10.0
+
+
+class Target(Model):
+    url: HttpUrl
+    weight: int = Field(default=1, ge=0)
+
+
+class Upstream(Model):
+    url: HttpUrl | None = None
+    targets: list[Target] | None = None
+    connect_timeout: Duration = 2.0
+    timeout: Duration = 30.0
+    max_connections: int = Field(default=256, ge=1)
+    health: HealthCheck | None = None
+    circuit_breaker: CircuitBreaker | None = None
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> Upstream:
+        if (self.url is None) == (self.targets is None):
+            raise ValueError("set exactly one of 'url' or 'targets'")
+        if self.targets is not None and not any(t.weight for t in self.targets):
+            raise ValueError("at least one target needs a weight above 0")
+        return self
+
+    @property
+    def target_urls(self) -> list[str]:
+        return [self.url] if self.url is not None else [t.url for t in self.targets or ()]
+
+
+class Match(Model):
+    path_prefix: str = "/"
+    methods: list[Method] | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, prefix: str) -> str:
+        if not prefix.startswith("/"):
+            raise ValueError(f"path_prefix must start with '/', got {prefix!r}")
+        return prefix
+
+
+class Scope(Model):
+    header: HeaderName
+
+
+class Idempotency(Model):
+    enabled: bool = False
+    required: bool = False
+    ttl: Duration = 86400.0
+    methods: list[Method] = Field(default_factory=lambda: ["POST", "PATCH"])
+    scope: Scope | None = None
+    on_concurrent: Literal["reject", "wait"] = "reject"
+    wait_timeout: Duration = 10.0
+    max_body: Size = 1024 * 1024
+    store_5xx: bool = False
+    replay_headers: list[HeaderName] = Field(default_factory=list)
+
+
+class Quota(Model):
+    key: str = "client_ip"
+    rate: Rate
+    burst: int = Field(default=1, ge=1)
+
+    @field_validator("key")
+    @classmethod
+    def _known_key(cls, key: str) -> str:
+        if key == "client_ip" or (key.startswith("header:") and _TOKEN_RE.match(key[7:])):
+            return key
+        raise ValueError(f"quota key must be 'client_ip' or 'header:<Name>', got {key!r}")
+
+
+class Route(Model):
+    name: str = Field(min_length=1)
+    match: Match = Match()
+    upstream: str
+    idempotency: Idempotency = Idempotency()
+    quota: Quota | None = None
+
+
+class Limits(Model):
+    max_request_body: Size = 10 * 1024 * 1024
+    max_header_bytes: Size = 16 * 1024
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 30.0
+
+
+class Logging(Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    hash_salt: str = ""
+    query_allowlist: list[str] = Field(default_factory=list)
+
+
+class Shutdown(Model):
+    drain_delay: Duration = 5.0
+    timeout: Duration = 25.0
+
+
+class Config(Model):
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    store: Store = Store()
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+    trusted_proxies: list[Network] = Field(default_factory=list)
+    limits: Limits = Limits()
+    logging: Logging = Logging()
+    shutdown: Shutdown = Shutdown()
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        if key in mapping:
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def format_path(loc: tuple[int | str, ...]) -> str:
+    """('routes', 2, 'upstream') -> 'routes[2].upstream'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def expand_env(data: Any, env: Mapping[str, str], loc: tuple[int | str, ...] = ()) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string value, naming the path on failure."""
+    if isinstance(data, str):
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match[1], match[2]
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError([f"{format_path(loc)}: environment variable {name} is not set"])
+
+        return _ENV_RE.sub(substitute, data)
+    if isinstance(data, dict):
+        return {k: expand_env(v, env, (*loc, str(k))) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, env, (*loc, i)) for i, v in enumerate(data)]
+    return data
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class whose fields live at `loc`, following dicts, lists and optionals."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif typing.get_origin(annotation) in (list, dict):
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return None
+    annotation = _unwrap(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
+    if error["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        model = _model_at(loc[:-1])
+        hint = _did_you_mean(key, model.model_fields) if model else ""
+        return f"{format_path(loc)}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{format_path(loc)}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{format_path(loc)}: {message}"
+
+
+def _references(config: Config) -> Iterator[str]:
+    seen: set[str] = set()
+    for i, route in enumerate(config.routes):
+        if route.name in seen:
+            yield f"routes[{i}].name: duplicate route name {route.name!r}"
+        seen.add(route.name)
+        if route.upstream not in config.upstreams:
+            hint = _did_you_mean(route.upstream, config.upstreams)
+            yield f"routes[{i}].upstream: unknown upstream {route.upstream!r}{hint}"
+    if config.shutdown.drain_delay >= config.shutdown.timeout:
+        yield "shutdown.drain_delay: must be shorter than shutdown.timeout"
+
+
+def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate already-parsed YAML data; every problem is reported with its path."""
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of config keys"])
+    data = expand_env(data, os.environ if env is None else env)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+    problems = list(_references(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file."""
+    text = read_text(path)
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    return parse(data, env)
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{path}: cannot read config file: {reason}"]) from None
+
+
+def config_hash(config: Config) -> str:
+    """A short stable fingerprint of the effective config, for logs and /health."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]

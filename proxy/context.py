@@ -1,0 +1,57 @@
+"""Per-request context shared by the stages, and the handler type they compose."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from proxy.config import Route
+
+
+class BodyTap(Protocol):
+    """Receives a copy of the response as it streams to the client (used by idempotency)."""
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What one request carries through the stages; stages write, access_log reads."""
+
+    request: web.BaseRequest
+    client_ip: str
+    start: float = field(default_factory=time.perf_counter)
+    trace_id: str = ""
+    span_id: str = ""
+    trace_flags: str = "01"
+    tracestate: str | None = None
+    route: Route | None = None
+    # Set by idempotency when the request body was read up front to fingerprint it.
+    body: bytes | None = None
+    # Extra headers the stages add to the upstream request (trace context, ...).
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    tap: BodyTap | None = None
+    upstream_name: str | None = None
+    upstream_duration: float | None = None
+    # "not_sent" | "answered" | "ambiguous": what the proxy knows about the upstream exchange.
+    upstream_outcome: str | None = None
+    request_body_size: int = 0
+    response_body_size: int = 0
+    status: int = 0
+    idempotency_outcome: str | None = None
+    idempotency_key_hash: str | None = None
+    user_hash: str | None = None
+    error_type: str | None = None
+    # Why reading the client's request failed (size, deadline, disconnect), when it did.
+    request_error: Exception | None = None
+    client_disconnected: bool = False
+
+
+Handler = Callable[[RequestContext], Awaitable[web.StreamResponse]]

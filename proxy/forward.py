@@ -1,0 +1,132 @@
+"""Terminal handler: send the request upstream, stream the answer back, map failures to problems."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable
+
+from aiohttp import web
+
+from proxy import body
+from proxy.config import Limits
+from proxy.context import Handler, RequestContext
+from proxy.headers import (
+    TRACE_CONTEXT,
+    Networks,
+    downstream_response_headers,
+    upstream_request_headers,
+)
+from proxy.problem import problem
+from proxy.transport import UpstreamError, UpstreamResponse
+from proxy.upstreams import Upstream
+
+# Expect is answered by the proxy itself; the upstream never sees it.
+_NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
+
+
+def handler(upstream: Upstream, limits: Limits, trusted: Networks) -> Handler:
+    async def forward(ctx: RequestContext) -> web.StreamResponse:
+        request = ctx.request
+        ctx.upstream_name = upstream.name
+        headers = upstream_request_headers(
+            request.headers.items(),
+            peer=request.remote or "",
+            host=request.headers.get("Host"),
+            trusted=trusted,
+            drop=_NOT_FORWARDED,
+        )
+        headers.extend(ctx.upstream_headers)
+        payload: bytes | AsyncIterable[bytes] | None = None
+        if ctx.body is not None:
+            payload = ctx.body
+        elif request.body_exists:
+            payload = body.stream(ctx, limits.max_request_body, limits.body_timeout)
+            if request.content_length is not None:
+                headers.append(("Content-Length", str(request.content_length)))
+        started = time.perf_counter()
+        try:
+            response = await upstream.pick().send(
+                request.method, request.rel_url.raw_path_qs, headers, payload
+            )
+        except UpstreamError as exc:
+            ctx.upstream_duration = time.perf_counter() - started
+            return _failed(ctx, exc)
+        ctx.upstream_duration = time.perf_counter() - started
+        ctx.upstream_outcome = "answered"
+        return await _relay(ctx, response)
+
+    return forward
+
+
+def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
+    if isinstance(ctx.request_error, body.BodyError):
+        # The client's body failed: the upstream saw a truncated request and must not act on it.
+        ctx.upstream_outcome = "not_sent"
+        return body_problem(ctx, ctx.request_error)
+    ctx.upstream_outcome = "ambiguous" if exc.sent else "not_sent"
+    ctx.error_type = exc.slug
+    return problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id)
+
+
+def body_problem(ctx: RequestContext, error: body.BodyError) -> web.Response:
+    response = problem(error.status, error.slug, error.title, str(error), ctx.trace_id)
+    response.force_close()
+    return response
+
+
+async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    relayed = downstream_response_headers(upstream.headers)
+    for name, value in relayed:
+        response.headers.add(name, value)
+    response.headers["X-Trace-Id"] = ctx.trace_id
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    ctx.status = upstream.status
+    tap = ctx.tap
+    if tap is not None:
+        tap.start(upstream.status, relayed)
+    writing = await _prepare(ctx, response)
+    try:
+        async for chunk in upstream.chunks():
+            ctx.response_body_size += len(chunk)
+            if tap is not None:
+                tap.feed(chunk)
+            if writing:
+                writing = await _write(ctx, response, chunk)
+            if not writing and tap is None:
+                break
+        if writing:
+            await response.write_eof()
+    except UpstreamError as exc:
+        # Headers are out: the only honest signal left is to cut the client connection.
+        ctx.upstream_outcome = "ambiguous"
+        ctx.error_type = exc.slug
+        _abort(ctx)
+    finally:
+        upstream.release()
+    return response
+
+
+async def _prepare(ctx: RequestContext, response: web.StreamResponse) -> bool:
+    try:
+        await response.prepare(ctx.request)
+    except (ConnectionError, OSError):
+        ctx.client_disconnected = True
+        return False
+    return True
+
+
+async def _write(ctx: RequestContext, response: web.StreamResponse, chunk: bytes) -> bool:
+    try:
+        await response.write(chunk)
+    except (ConnectionError, OSError):
+        ctx.client_disconnected = True
+        return False
+    return True
+
+
+def _abort(ctx: RequestContext) -> None:
+    transport = ctx.request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,135 @@
+"""Pure header logic: hop-by-hop hygiene, forwarding headers, client address, replay allow-list."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+
+Headers = list[tuple[str, str]]
+Networks = Sequence[IPv4Network | IPv6Network]
+
+# RFC 9110 §7.6.1 plus the de-facto Keep-Alive / Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# The proxy frames bodies itself; an upstream or client length is never copied blindly.
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+# Forwarding headers a client may only set when it is a trusted proxy.
+FORWARDING = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
+)
+REPLAY_ALLOWED = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-language",
+        "content-disposition",
+        "content-location",
+        "location",
+        "etag",
+        "last-modified",
+        "link",
+        "cache-control",
+    }
+)
+# Trace context is re-issued by the proxy, never passed on as received.
+TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "x-trace-id"})
+# Never replayed, even when a route lists them as extras: they describe the original exchange.
+NEVER_REPLAYED = HOP_BY_HOP | FRAMING | {"set-cookie", "date"}
+VIA = "1.1 idemproxy"
+
+
+def connection_tokens(values: Iterable[str]) -> frozenset[str]:
+    """Lower-cased option names listed in one or more `Connection` header values."""
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]], drop: frozenset[str] = FRAMING) -> Headers:
+    """Remove hop-by-hop headers, every header named in `Connection`, and `drop` (lower-case)."""
+    items = list(headers)
+    listed = connection_tokens(v for k, v in items if k.lower() == "connection")
+    return [
+        (k, v)
+        for k, v in items
+        if (name := k.lower()) not in HOP_BY_HOP and name not in drop and name not in listed
+    ]
+
+
+def is_trusted(peer: str, trusted: Networks) -> bool:
+    if not trusted:
+        return False
+    try:
+        address: IPv4Address | IPv6Address = ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def client_address(peer: str, forwarded_for: Sequence[str], trusted: Networks) -> str:
+    """The client's address: the peer, or, behind trusted proxies, the rightmost untrusted hop."""
+    if not is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def upstream_request_headers(
+    headers: Iterable[tuple[str, str]],
+    *,
+    peer: str,
+    host: str | None,
+    trusted: Networks,
+    drop: frozenset[str] = frozenset(),
+) -> Headers:
+    """Headers to send upstream: hygiene, then X-Forwarded-For/-Proto/-Host and Via.
+
+    Client-supplied forwarding headers are kept (and extended) only when the peer is a trusted
+    proxy; otherwise they are replaced. `Host` is dropped: the client sets it from the upstream URL.
+    """
+    from_trusted = is_trusted(peer, trusted)
+    removed = FRAMING | drop | {"host", "via"} | (frozenset() if from_trusted else FORWARDING)
+    out = strip_hop_by_hop(headers, removed)
+    if from_trusted:
+        prior = [v for k, v in out if k.lower() == "x-forwarded-for"]
+        out = [(k, v) for k, v in out if k.lower() != "x-forwarded-for"]
+        out.append(("X-Forwarded-For", ", ".join([*prior, peer])))
+        present = {k.lower() for k, _ in out}
+        if "x-forwarded-proto" not in present:
+            out.append(("X-Forwarded-Proto", "http"))
+        if host and "x-forwarded-host" not in present:
+            out.append(("X-Forwarded-Host", host))
+    else:
+        out.append(("X-Forwarded-For", peer))
+        out.append(("X-Forwarded-Proto", "http"))
+        if host:
+            out.append(("X-Forwarded-Host", host))
+    out.append(("Via", VIA))
+    return out
+
+
+def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> Headers:
+    """Headers to relay to the client: hygiene and no upstream framing; Via appended."""
+    out = strip_hop_by_hop(headers, FRAMING)
+    out.append(("Via", VIA))
+    return out
+
+
+def replay_headers(headers: Iterable[tuple[str, str]], extra: frozenset[str]) -> Headers:
+    """The stored subset of a response's headers: the allow-list plus the route's extras."""
+    allowed = (REPLAY_ALLOWED | extra) - NEVER_REPLAYED
+    return [(k, v) for k, v in headers if k.lower() in allowed]

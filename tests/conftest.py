@@ -1,0 +1,95 @@
+"""Shared fixtures: a recording upstream, real redis-server processes, idemproxy as a
+subprocess, and an in-process proxy for fast logic tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient
+
+from proxy.app import DataPlane, Runtime
+from proxy.config import parse
+from proxy.server import data_server
+from tests.support.proxy_process import ProxyProcess, base_config
+from tests.support.redis_server import RedisServer
+from tests.support.upstream import RecordingUpstream
+
+
+class ProxyTestServer(BaseTestServer):
+    """The real data-port server (parser limits included) on an ephemeral port."""
+
+    def __init__(self, plane: DataPlane, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plane = plane
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        return web.ServerRunner(data_server(self.plane, self.plane.runtime.config), **kwargs)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> RecordingUpstream:
+    recording = RecordingUpstream()
+    server = await aiohttp_server(recording.app)
+    recording.url = str(server.make_url("")).rstrip("/")
+    return recording
+
+
+MakeProxy = Callable[..., Awaitable[TestClient[web.Request, None]]]
+
+
+@pytest.fixture
+async def make_proxy(aiohttp_client: Any) -> AsyncIterator[MakeProxy]:
+    """Build an in-process proxy from a config dict (ports in it are ignored)."""
+    runtimes: list[Runtime] = []
+
+    async def factory(config: dict[str, Any]) -> TestClient[web.Request, None]:
+        runtime = Runtime(parse(config, env={}))
+        runtimes.append(runtime)
+        client: TestClient[web.Request, None] = await aiohttp_client(
+            ProxyTestServer(DataPlane(runtime)), auto_decompress=False
+        )
+        return client
+
+    yield factory
+    for runtime in runtimes:
+        await runtime.close()
+
+
+@pytest.fixture
+async def proxy(upstream: RecordingUpstream, make_proxy: MakeProxy) -> TestClient[web.Request, None]:
+    """An in-process proxy with one catch-all route to the recording upstream."""
+    return await make_proxy(base_config(upstream.url))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Factory: start a real redis-server on a free port; all are stopped at teardown."""
+    servers: list[RedisServer] = []
+
+    def factory(*extra: str, port: int | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}", port, *extra).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Factory: start `idemproxy run` as a subprocess; all are stopped at teardown."""
+    processes: list[ProxyProcess] = []
+
+    def factory(config: dict[str, Any], env: dict[str, str] | None = None) -> ProxyProcess:
+        process = ProxyProcess(tmp_path / f"proxy-{len(processes)}", config, env).start()
+        processes.append(process)
+        return process
+
+    yield factory
+    for process in processes:
+        process.stop()
