@@ -61,7 +61,8 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
             async with asyncio.timeout_at(deadline):
                 chunk = await content.readany()
         except TimeoutError:
-            raise _fail(ctx, BodyTimeout(f"the request body did not arrive within {timeout:g}s"))
+            error = BodyTimeout(f"the request body did not arrive within {timeout:g}s")
+            raise _fail(ctx, error) from None
         except Exception as exc:
             transport = request.transport
             if transport is None or transport.is_closing():

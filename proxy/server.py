@@ -17,6 +17,9 @@ from proxy.problem import problem
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
 MAX_HEADERS = 128
+# After an early answer (413, 408) aiohttp drains the unread body this long before closing;
+# its default of 10s would let a slow client hold the connection well past the body deadline.
+LINGERING_TIME = 1.0
 
 
 def parse_error_response(exc: BaseException | None) -> web.Response:
@@ -64,6 +67,7 @@ def data_server(plane: DataPlane, config: Config) -> web.Server:
         max_line_size=MAX_REQUEST_LINE,
         max_field_size=limits.max_header_bytes,
         max_headers=MAX_HEADERS,
+        lingering_time=LINGERING_TIME,
         auto_decompress=False,
         access_log=None,
     )
