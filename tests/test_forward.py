@@ -250,3 +250,9 @@ async def test_slow_body_is_cut_at_the_body_deadline(make_proxy, upstream) -> No
     assert status_of(response) == 408
     assert closed
     assert b"urn:idemproxy:problem:body-timeout" in response
+
+
+async def test_upstream_base_path_is_prepended(make_proxy, upstream: RecordingUpstream) -> None:
+    client = await make_proxy(base_config(upstream.url + "/base"))
+    await client.get("/x/y?z=1")
+    assert upstream.received[0].raw_path == "/base/x/y?z=1"
