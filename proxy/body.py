@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from aiohttp import web
-
 from proxy.context import RequestContext
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -38,10 +36,6 @@ class ClientGone(BodyError):
     slug = "client-closed"
     title = "Client closed the connection"
     error_type = "client_disconnect"
-
-
-def has_body(request: web.BaseRequest) -> bool:
-    return request.body_exists
 
 
 async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIterator[bytes]:

@@ -256,3 +256,17 @@ async def test_upstream_base_path_is_prepended(make_proxy, upstream: RecordingUp
     client = await make_proxy(base_config(upstream.url + "/base"))
     await client.get("/x/y?z=1")
     assert upstream.received[0].raw_path == "/base/x/y?z=1"
+
+
+async def test_expect_continue_is_answered_by_the_proxy(proxy, upstream: RecordingUpstream) -> None:
+    head = b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head)
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[0].body == b"hello"
+    assert upstream.received[0].header("Expect") is None
