@@ -26,12 +26,8 @@ from proxy.stores.base import (
     Record,
     StoredResponse,
     StoreError,
+    StoreTimeout,
 )
-
-
-class StoreTimeout(StoreError):
-    """No answer within the budget: a write may or may not have been applied."""
-
 
 KEY_PREFIX = f"idem:v{SCHEMA_VERSION}:"
 
@@ -146,9 +142,12 @@ class RedisStore:
             )
         except StoreTimeout:
             raise  # the budget is spent; the caller releases the token in the background
-        except StoreError:
+        except StoreError as exc:
             # The claim may have been applied before the connection failed: read it back.
-            record = await self.get(key)
+            try:
+                record = await self.get(key)
+            except StoreError:
+                raise StoreTimeout(f"claim outcome unknown: {exc}") from exc
             if record is None:
                 raise
             return None if record.token == token else record
