@@ -89,6 +89,10 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+def _text(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
 def parse_record(reply: Sequence[bytes]) -> Record:
     """A record from the flat HGETALL(+pttl) list the scripts return."""
     fields = {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
@@ -186,19 +190,21 @@ class RedisStore:
         return time.perf_counter() - started
 
     async def eviction_policy(self) -> str | None:
+        """The `maxmemory-policy`; on a Cluster, the first primary's that is not noeviction."""
         try:
             if isinstance(self.client, RedisCluster):
-                reply = await self._run(
+                per_node = await self._run(
                     self.client.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
                 )
+                replies = list(per_node.values())
             else:
-                reply = await self._run(self.client.config_get("maxmemory-policy"))
+                replies = [await self._run(self.client.config_get("maxmemory-policy"))]
         except StoreError as exc:
             if isinstance(exc.__cause__, ResponseError):  # CONFIG disabled (managed Redis)
                 return None
             raise
-        value = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
-        return value.decode() if isinstance(value, bytes) else value
+        policies = [_text(r.get("maxmemory-policy")) for r in replies if isinstance(r, dict)]
+        return next((p for p in policies if p != "noeviction"), policies[0] if policies else None)
 
     async def close(self) -> None:
         await redis_client.close(self.client)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import MakeProxy
 from tests.support.idempotency import idem_config
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import Cluster, Sentinels
 from tests.support.upstream import RecordingUpstream
 
 IdemProxy = Callable[..., Awaitable[TestClient[web.Request, None]]]
@@ -38,3 +40,24 @@ def idem_proxy(upstream: RecordingUpstream, make_proxy: MakeProxy, store_url: st
         return await make_proxy(config)
 
     return factory
+
+
+@pytest.fixture
+def redis_sentinels(tmp_path: Path) -> Iterator[Sentinels]:
+    """A Sentinel-managed primary and replica (service `mymaster`); `.failover()` promotes."""
+    sentinels = Sentinels(tmp_path / "sentinel")
+    sentinels.workdir.mkdir()
+    try:
+        yield sentinels.start()
+    finally:
+        sentinels.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A three-primary Redis Cluster on loopback."""
+    cluster = Cluster(tmp_path / "cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
