@@ -97,6 +97,10 @@ def stage(
     scope_header = policy.scope.header if policy.scope is not None else None
     route_name = route.name
     fail_open = store_config.on_error == "fail_open"
+    required, ttl, max_body, store_5xx = (
+        policy.required, policy.ttl, policy.max_body, policy.store_5xx
+    )
+    wait_timeout = policy.wait_timeout if policy.on_concurrent == "wait" else None
 
     def refuse(ctx: RequestContext, status: int, slug: str, title: str, detail: str,
                error_type: str, headers: list[tuple[str, str]] | None = None) -> web.Response:
@@ -130,18 +134,18 @@ def stage(
             ctx.idempotency_outcome = "conflict"
             return refuse(ctx, 422, "response-not-replayable", "Response not replayable",
                           f"the request already ran (status {stored.status}) but its response "
-                          f"was larger than {policy.max_body} bytes and was not stored",
+                          f"was larger than {max_body} bytes and was not stored",
                           "idempotency_not_replayable")
         ctx.idempotency_outcome = "replay"
         return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)
 
     async def finalise(ctx: RequestContext, recorder: ResponseRecorder, key: str, token: str,
                        lease_end: float) -> None:
-        decision = decide(ctx.upstream_outcome, recorder.status, policy.store_5xx)
+        decision = decide(ctx.upstream_outcome, recorder.status, store_5xx)
         op: Callable[[], Awaitable[bool]]
         if decision == COMPLETE:
             stored = recorder.stored()
-            op = lambda: store.complete(key, token, stored, policy.ttl)  # noqa: E731
+            op = lambda: store.complete(key, token, stored, ttl)  # noqa: E731
         elif decision == RELEASE:
             op = lambda: store.release(key, token)  # noqa: E731
         else:
@@ -154,7 +158,7 @@ def stage(
 
     async def execute(ctx: RequestContext, key: str, token: str) -> web.StreamResponse:
         lease_end = asyncio.get_running_loop().time() + lease
-        recorder = ResponseRecorder(policy.max_body, extra)
+        recorder = ResponseRecorder(max_body, extra)
         ctx.tap = recorder
         try:
             return await next_handler(ctx)
@@ -182,7 +186,7 @@ def stage(
             return await next_handler(ctx)
         values = request.headers.getall(HEADER, ())
         if not values:
-            if policy.required:
+            if required:
                 return refuse(ctx, 400, "key-missing", "Idempotency-Key required",
                               f"{request.method} requests on this route need an Idempotency-Key "
                               "header; generate one per operation and reuse it for retries",
@@ -220,7 +224,7 @@ def stage(
         )
         token = secrets.token_hex(16)
         loop = asyncio.get_running_loop()
-        wait_until = loop.time() + policy.wait_timeout if policy.on_concurrent == "wait" else 0.0
+        wait_until = 0.0 if wait_timeout is None else loop.time() + wait_timeout
         poll = FIRST_POLL
         while True:
             try:
