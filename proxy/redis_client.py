@@ -1,9 +1,6 @@
-"""A `redis.asyncio` client built from a store URL, with budgets that never fall back to
-redis-py's defaults (5 s socket timeouts and 10 retries: a stalled Redis would cost ~60 s).
-
-    redis://[user:pw@]host:port/db          rediss://... (TLS)
-    redis+sentinel://[user:pw@]host:26379,host2:26379/service/db
-    redis+cluster://[user:pw@]host:7000,host2:7001
+"""A `redis.asyncio` client built from a store URL (see `proxy.store_url`), with budgets that
+never fall back to redis-py's defaults (5 s socket timeouts and 10 retries: a stalled Redis
+would cost ~60 s).
 
 Every connection gets `socket_timeout` and `socket_connect_timeout` = the store budget and at most
 one retry, only on `ConnectionError` (a pooled connection that died with a restarted Redis); a
@@ -13,9 +10,7 @@ draw from a `BlockingConnectionPool` that waits at most one budget for a free co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -25,6 +20,8 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from proxy.store_url import parse_url
+
 MAX_CONNECTIONS = 64
 RETRY_BACKOFF = 0.01
 
@@ -33,64 +30,6 @@ Client = Redis | RedisCluster
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel master discovery with the blocking pool's bounded wait for a free connection."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreUrl:
-    scheme: str
-    hosts: list[tuple[str, int]]
-    username: str | None
-    password: str | None
-    db: int
-    service: str | None  # Sentinel service (master group) name
-
-
-def parse_url(url: str) -> StoreUrl:
-    """Split a store URL; several comma-separated hosts are allowed for Sentinel and Cluster."""
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":")
-    default_port = 26379 if scheme == "redis+sentinel" else 6379
-    hosts = [_host_port(item, default_port) for item in hostlist.split(",") if item]
-    if not hosts:
-        raise ValueError(f"store URL {_redact(url)!r} names no host")
-    if len(hosts) > 1 and scheme in ("redis", "rediss"):
-        raise ValueError(f"store URL {_redact(url)!r}: use redis+sentinel or redis+cluster for "
-                         "several hosts")
-    segments = [s for s in parts.path.split("/") if s]
-    service = None
-    if scheme == "redis+sentinel":
-        if not segments:
-            raise ValueError(f"store URL {_redact(url)!r} needs the Sentinel service name: "
-                             "redis+sentinel://host:26379/mymaster/0")
-        service = unquote(segments.pop(0))
-    if len(segments) > 1 or (segments and not segments[0].isdigit()):
-        raise ValueError(f"store URL {_redact(url)!r}: the database must be a number")
-    db = int(segments[0]) if segments else 0
-    if db and scheme == "redis+cluster":
-        raise ValueError("Redis Cluster has only database 0")
-    return StoreUrl(
-        scheme, hosts, unquote(username) or None, unquote(password) or None, db, service
-    )
-
-
-def _host_port(item: str, default_port: int) -> tuple[str, int]:
-    if item.startswith("["):  # [::1]:6379
-        host, _, rest = item[1:].partition("]")
-        port = rest.removeprefix(":")
-    else:
-        host, _, port = item.partition(":")
-    if not host or (port and not port.isdigit()):
-        raise ValueError(f"bad host in store URL: {item!r}")
-    return host, int(port) if port else default_port
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) -> Client:
@@ -126,7 +65,9 @@ def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) ->
         )
         return client
     host, port = target.hosts[0]
-    tls: dict[str, Any] = {"connection_class": SSLConnection} if target.scheme == "rediss" else {}
+    tls: dict[str, Any] = (
+        {"connection_class": SSLConnection, **target.tls} if target.scheme == "rediss" else {}
+    )
     pool = BlockingConnectionPool(
         host=host,
         port=port,

@@ -1,45 +1,17 @@
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from redis.asyncio import BlockingConnectionPool, RedisCluster
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.redis_client import BlockingSentinelConnectionPool, close, connect, parse_url
+from proxy.redis_client import BlockingSentinelConnectionPool, close, connect
+from proxy.stores import RedisStore, StoreError
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
-
-
-def test_parse_standalone() -> None:
-    url = parse_url("redis://:pw@cache:6380/2")
-    assert (url.scheme, url.hosts, url.password, url.db) == ("redis", [("cache", 6380)], "pw", 2)
-    assert parse_url("rediss://user:p%40ss@h").username == "user"
-    assert parse_url("rediss://user:p%40ss@h").password == "p@ss"
-    assert parse_url("redis://h").hosts == [("h", 6379)]
-    assert parse_url("redis://[::1]:7000").hosts == [("::1", 7000)]
-
-
-def test_parse_sentinel_and_cluster() -> None:
-    url = parse_url("redis+sentinel://s1:26379,s2,s3:26380/mymaster/3")
-    assert url.hosts == [("s1", 26379), ("s2", 26379), ("s3", 26380)]
-    assert (url.service, url.db) == ("mymaster", 3)
-    cluster = parse_url("redis+cluster://a:7000,b:7001")
-    assert (cluster.hosts, cluster.db, cluster.service) == ([("a", 7000), ("b", 7001)], 0, None)
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("redis://", "no host"),
-        ("redis://a:1,b:2", "several hosts"),
-        ("redis+sentinel://s:26379", "service name"),
-        ("redis://h/x", "number"),
-        ("redis+cluster://a:7000/1", "database 0"),
-        ("redis://h:port", "bad host"),
-    ],
-)
-def test_bad_urls(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_url(url)
 
 
 async def test_clients_carry_the_budget_and_a_blocking_pool() -> None:
@@ -75,3 +47,37 @@ async def test_a_stalled_redis_costs_one_budget_not_redis_py_defaults(
     finally:
         redis.resume()
         await close(client)
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key
+
+
+async def test_rediss_verifies_the_server_certificate(
+    redis_server: Callable[..., RedisServer], tls_cert: tuple[Path, Path]
+) -> None:
+    cert, key = tls_cert
+    tls_port = free_port()
+    redis_server("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                 "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                 "--tls-auth-clients", "no")
+    trusted = RedisStore.from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}", 2.0)
+    untrusted = RedisStore.from_url(f"rediss://127.0.0.1:{tls_port}/0", 2.0)
+    try:
+        assert await trusted.claim("k", "t", "fp", 5) is None
+        with pytest.raises(StoreError):
+            await untrusted.claim("k2", "t", "fp", 5)
+    finally:
+        await trusted.close()
+        await untrusted.close()
