@@ -434,7 +434,7 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate a config file."""
     text = read_text(path)
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
