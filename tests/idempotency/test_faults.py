@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from collections import Counter
@@ -213,3 +214,45 @@ async def test_startup_warns_when_redis_may_evict(
     assert events
     assert events[0]["level"] == "warning"
     assert events[0]["maxmemory_policy"] == "allkeys-lru"
+
+
+async def closed(port: int) -> None:
+    """Wait until the port refuses new connections."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return
+        writer.close()
+        assert loop.time() < deadline, f"port {port} still accepts connections"
+        await asyncio.sleep(0.02)
+
+
+async def test_sigterm_finishes_the_request_and_its_record(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.json_response({"done": True}, status=201)
+
+    upstream.respond = held
+    redis = redis_server()
+    stopping = start(proxy_process, upstream, redis)
+    other = start(proxy_process, upstream, redis)
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(post(session, stopping.url, "k"))
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        stopping.signal(signal.SIGTERM)
+        await closed(stopping.port)  # shutting down, with the request still in flight
+        gate.set()
+        response, _ = await first
+        assert response.status == 201
+        assert stopping.process is not None
+        assert await asyncio.to_thread(stopping.process.wait, 10) == 0
+        replay, _ = await post(session, other.url, "k")
+        assert (replay.status, replay.headers["Idempotent-Replayed"]) == (201, "true")
+    assert upstream.count == 1
