@@ -42,6 +42,19 @@ async def post(session: aiohttp.ClientSession, url: str, key: str | None,
     return response, time.perf_counter() - started
 
 
+def hold_first_request(upstream: RecordingUpstream) -> asyncio.Event:
+    """The upstream's first request waits for the returned event; later ones answer at once."""
+    gate = asyncio.Event()
+
+    async def first_waits(request: web.Request) -> web.StreamResponse:
+        if upstream.count == 1:
+            await gate.wait()
+        return web.json_response({"n": upstream.count})
+
+    upstream.respond = first_waits
+    return gate
+
+
 async def test_fail_closed_killed_redis_is_503_within_budget_and_recovers(
     proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
 ) -> None:
@@ -172,17 +185,9 @@ async def test_kill_stall_and_restart_under_load_never_run_a_key_twice(
 async def test_crashed_owner_lease_expires_and_a_retry_takes_over(
     proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
 ) -> None:
-    gate = asyncio.Event()
-
-    async def first_hangs(request: web.Request) -> web.StreamResponse:
-        if upstream.count == 1:
-            await gate.wait()
-        return web.json_response({"n": upstream.count})
-
-    upstream.respond = first_hangs
+    gate = hold_first_request(upstream)
     redis = redis_server()
-    crashed = start(proxy_process, upstream, redis)
-    survivor = start(proxy_process, upstream, redis)
+    crashed, survivor = (start(proxy_process, upstream, redis) for _ in range(2))
     async with aiohttp.ClientSession() as session:
         first = asyncio.create_task(post(session, crashed.url, "k"))
         await asyncio.wait_for(upstream.arrived.wait(), 10)
@@ -233,16 +238,9 @@ async def closed(port: int) -> None:
 async def test_sigterm_finishes_the_request_and_its_record(
     proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
 ) -> None:
-    gate = asyncio.Event()
-
-    async def held(request: web.Request) -> web.StreamResponse:
-        await gate.wait()
-        return web.json_response({"done": True}, status=201)
-
-    upstream.respond = held
+    gate = hold_first_request(upstream)
     redis = redis_server()
-    stopping = start(proxy_process, upstream, redis)
-    other = start(proxy_process, upstream, redis)
+    stopping, other = (start(proxy_process, upstream, redis) for _ in range(2))
     async with aiohttp.ClientSession() as session:
         first = asyncio.create_task(post(session, stopping.url, "k"))
         await asyncio.wait_for(upstream.arrived.wait(), 10)
@@ -250,9 +248,9 @@ async def test_sigterm_finishes_the_request_and_its_record(
         await closed(stopping.port)  # shutting down, with the request still in flight
         gate.set()
         response, _ = await first
-        assert response.status == 201
+        assert response.status == 200
         assert stopping.process is not None
         assert await asyncio.to_thread(stopping.process.wait, 10) == 0
         replay, _ = await post(session, other.url, "k")
-        assert (replay.status, replay.headers["Idempotent-Replayed"]) == (201, "true")
+        assert (replay.status, replay.headers["Idempotent-Replayed"]) == (200, "true")
     assert upstream.count == 1
