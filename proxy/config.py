@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.store_url import parse_url
+
 DEFAULT_PATH = "config/proxy.yaml"
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -175,6 +177,8 @@ class Store(Model):
         known = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
         if scheme not in known:
             raise ValueError(f"unknown store scheme {scheme!r}; use one of {', '.join(known)}")
+        if scheme != "memory":
+            parse_url(url)  # raises ValueError naming what is wrong
         return url
 
 

@@ -1,0 +1,91 @@
+"""A `redis.asyncio` client built from a store URL (see `proxy.store_url`), with budgets that
+never fall back to redis-py's defaults (5 s socket timeouts and 10 retries: a stalled Redis
+would cost ~60 s).
+
+Every connection gets `socket_timeout` and `socket_connect_timeout` = the store budget and at most
+one retry, only on `ConnectionError` (a pooled connection that died with a restarted Redis); a
+timeout is never retried, so a stalled Redis costs one budget. Standalone and Sentinel clients
+draw from a `BlockingConnectionPool` that waits at most one budget for a free connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ConstantBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from proxy.store_url import parse_url
+
+MAX_CONNECTIONS = 64
+RETRY_BACKOFF = 0.01
+
+Client = Redis | RedisCluster
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel master discovery with the blocking pool's bounded wait for a free connection."""
+
+
+def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) -> Client:
+    """A client for `url` whose every command is bounded by `timeout` seconds (plus one
+    immediate reconnect). Creating it does no I/O."""
+    target = parse_url(url)
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(ConstantBackoff(RETRY_BACKOFF), 1, (RedisConnectionError,)),
+        "health_check_interval": 0,
+    }
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    if target.scheme == "redis+cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+            max_connections=max_connections,
+            **options,
+            **auth,
+        )
+    if target.scheme == "redis+sentinel":
+        assert target.service is not None
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            target.hosts, sentinel_kwargs=dict(options), **options
+        )
+        client: Redis = sentinel.master_for(
+            target.service,
+            connection_pool_class=BlockingSentinelConnectionPool,
+            db=target.db,
+            max_connections=max_connections,
+            timeout=timeout,
+            **auth,
+        )
+        return client
+    host, port = target.hosts[0]
+    tls: dict[str, Any] = (
+        {"connection_class": SSLConnection, **target.tls} if target.scheme == "rediss" else {}
+    )
+    pool = BlockingConnectionPool(
+        host=host,
+        port=port,
+        db=target.db,
+        max_connections=max_connections,
+        timeout=timeout,
+        **tls,
+        **options,
+        **auth,
+    )
+    return Redis.from_pool(pool)
+
+
+async def close(client: Client) -> None:
+    """Close the client, its pool and, for Sentinel, the connections to the sentinels."""
+    pool = getattr(client, "connection_pool", None)
+    sentinel = getattr(pool, "sentinel_manager", None)
+    await client.aclose()
+    if isinstance(sentinel, Sentinel):
+        for node in sentinel.sentinels:
+            await node.aclose()
