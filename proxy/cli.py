@@ -94,14 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         sys.stdout.write(check(config))
         return EXIT_OK
-    run(config)
+    run(config, path)
     return EXIT_OK
 
 
-def run(config: Config) -> None:
+def run(config: Config, path: str) -> None:
     try:
         import uvloop
     except ImportError:  # Windows: the default loop
-        asyncio.run(server.serve(config))
+        asyncio.run(server.serve(config, path))
     else:
-        uvloop.run(server.serve(config))
+        uvloop.run(server.serve(config, path))

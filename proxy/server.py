@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import tracing
+from proxy import health, reload, tracing
 from proxy.app import DataPlane, Runtime, admin_app
-from proxy.config import Config
+from proxy.config import Config, config_hash
+from proxy.events import emit
+from proxy.health import HealthMonitor
+from proxy.lifecycle import Lifecycle
 from proxy.problem import problem
+from proxy.reload import Reloader, store_of
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
@@ -20,6 +25,8 @@ MAX_HEADERS = 128
 # After an early answer (413, 408) aiohttp drains the unread body this long before closing;
 # its default of 10s would let a slow client hold the connection well past the body deadline.
 LINGERING_TIME = 1.0
+# Bound on waiting for runtimes retired by a reload to finish their requests at exit.
+CLEANUP_TIMEOUT = 0.5
 
 
 def parse_error_response(exc: BaseException | None) -> web.Response:
@@ -73,28 +80,58 @@ def data_server(plane: DataPlane, config: Config) -> web.Server:
     )
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then close listeners and finish in-flight requests."""
-    runtime = Runtime(config)
-    plane = DataPlane(runtime)
-    data_runner = web.ServerRunner(data_server(plane, config), handle_signals=False)
-    admin_runner = web.AppRunner(admin_app(), handle_signals=False, access_log=None)
-    stop = asyncio.Event()
+async def serve(config: Config, path: str) -> None:
+    """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
+
+    SIGHUP, POST /admin/reload and changes of the file at `path` reload the config.
+    """
+    plane = DataPlane(Runtime(config))
+    monitor = HealthMonitor()
+    await monitor.attach(config, store_of(plane.runtime))
+    plane.probes = health.probes(monitor)
+    reloader = Reloader(path, plane, monitor)
+    lifecycle = Lifecycle(plane, monitor, reloader)
+    server = data_server(plane, config)
+    data_runner = web.ServerRunner(server, handle_signals=False)
+    admin = admin_app(plane.probes, lifecycle.actions())
+    admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lifecycle.request_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload, "signal")
+    watcher: asyncio.Task[None] | None = None
     await data_runner.setup()
     await admin_runner.setup()
     try:
-        await web.TCPSite(
+        data_site = web.TCPSite(
             data_runner, config.listen.host, config.listen.port, reuse_address=True
-        ).start()
+        )
+        await data_site.start()
         await web.TCPSite(
             admin_runner, config.admin.host, config.admin.port, reuse_address=True
         ).start()
-        await stop.wait()
+        if config.reload.watch:
+            watcher = asyncio.create_task(_watch(config, Path(path), reloader))
+        emit(
+            "started", hash=config_hash(config), listen=config.listen.port, admin=config.admin.port
+        )
+        await lifecycle.stop.wait()
+        await lifecycle.drain(data_site, server)
     finally:
-        await data_runner.shutdown()
+        if watcher is not None:
+            watcher.cancel()
         await data_runner.cleanup()
-        await admin_runner.cleanup()
+        await reloader.close(CLEANUP_TIMEOUT)
         await plane.runtime.close()
+        await monitor.close()
+        await admin_runner.cleanup()
+        emit("stopped")
+
+
+async def _watch(config: Config, path: Path, reloader: Reloader) -> None:
+    settings = config.reload
+
+    async def changed() -> None:
+        await reloader.reload("file")
+
+    await reload.watch(path, settings.poll_interval, settings.debounce, changed)
