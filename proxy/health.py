@@ -8,7 +8,6 @@ cache, so a probe never fans out to Redis or the upstream and answers in microse
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -122,21 +121,23 @@ def _ms(started: float) -> float:
 
 
 class _Loop:
-    """Runs `once` now and then every `interval` seconds until cancelled."""
+    """Runs `once` now and then every `interval` seconds until stopped."""
 
     def __init__(self, once: Callable[[], Awaitable[None]], interval: float, name: str) -> None:
+        self._stopped = False
         self.task = asyncio.create_task(self._run(once, interval), name=name)
 
-    @staticmethod
-    async def _run(once: Callable[[], Awaitable[None]], interval: float) -> None:
-        while True:
+    async def _run(self, once: Callable[[], Awaitable[None]], interval: float) -> None:
+        while not self._stopped:
             await once()
             await asyncio.sleep(interval)
 
     async def cancel(self) -> None:
+        # The flag as well as cancel(): a client library may turn a cancellation that lands
+        # in its own timeout into an ordinary error, and the loop must stop all the same.
+        self._stopped = True
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await asyncio.wait({self.task})
 
 
 class UpstreamCheck:
