@@ -132,8 +132,9 @@ AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class DataPlane:
     """The data-port request handler; `runtime` is replaced atomically on reload.
 
-    While `draining`, every response carries `Connection: close`. `probes` (path -> handler)
-    answer on the data port too when the config says `health.on_data_port: true`.
+    After `start_drain()` every response not yet started carries `Connection: close`, including
+    those of requests already in progress. `probes` (path -> handler) answer on the data port
+    too when the config says `health.on_data_port: true`.
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -141,6 +142,12 @@ class DataPlane:
         self.inflight = InFlight()
         self.draining = False
         self.probes: Mapping[str, AdminHandler] = {}
+        self._live: dict[int, RequestContext] = {}
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for ctx in self._live.values():
+            ctx.close_connection = True
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
@@ -156,6 +163,8 @@ class DataPlane:
             else peer
         )
         ctx = RequestContext(request, client_ip, close_connection=self.draining)
+        key = id(ctx)
+        self._live[key] = ctx
         self.inflight.enter()
         runtime.inflight.enter()
         try:
@@ -163,7 +172,8 @@ class DataPlane:
         finally:
             runtime.inflight.leave()
             self.inflight.leave()
-        if self.draining:
+            del self._live[key]
+        if ctx.close_connection and not response.prepared:
             response.force_close()
         return response
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import orjson
 from aiohttp import web
@@ -23,6 +24,22 @@ from proxy.reload import Reloader
 CLEANUP_MARGIN = 1.0
 # How long an aborted handler gets to run its finally blocks before its connection is cut.
 ABORT_GRACE = 0.25
+# A connection accepted just before the listener closed gets this long to send its request.
+FIRST_REQUEST_GRACE = 1.0
+SETTLE_POLL = 0.02
+
+
+class Connections(Protocol):
+    """The data server's connections, as the drain needs them (see server._Server)."""
+
+    @property
+    def open_connections(self) -> int: ...
+
+    def close_connections(self, fresh_too: bool) -> None: ...
+
+    def pre_shutdown(self) -> None: ...
+
+    async def shutdown(self, timeout: float | None = None) -> None: ...
 
 
 class Lifecycle:
@@ -40,7 +57,7 @@ class Lifecycle:
             return
         self.trigger = trigger
         self.monitor.draining = True
-        self.plane.draining = True
+        self.plane.start_drain()
         self.stop.set()
 
     def request_reload(self, trigger: str) -> None:
@@ -48,7 +65,7 @@ class Lifecycle:
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
-    async def drain(self, site: web.BaseSite, server: web.Server) -> bool:
+    async def drain(self, site: web.BaseSite, server: Connections) -> bool:
         """Run the drain after `request_stop`; True when nothing had to be aborted."""
         shutdown = self.plane.runtime.config.shutdown
         loop = asyncio.get_running_loop()
@@ -63,10 +80,12 @@ class Lifecycle:
         )
         await asyncio.sleep(shutdown.drain_delay)
         await site.stop()
-        # Idle keep-alive connections close now, busy ones after their response.
-        server.pre_shutdown()
-        emit("listener_closed", inflight=self.plane.inflight.count)
-        clean = await self.plane.inflight.wait_idle(max(deadline - loop.time(), 0.0))
+        emit(
+            "listener_closed",
+            inflight=self.plane.inflight.count,
+            connections=server.open_connections,
+        )
+        clean = await self._settle(server, deadline)
         if not clean:
             emit(
                 "drain_timeout",
@@ -74,10 +93,23 @@ class Lifecycle:
                 aborted=self.plane.inflight.count,
                 timeout_s=shutdown.timeout,
             )
-        # Lets finished handlers write their last bytes; cancels what is still running.
-        await server.shutdown(max(deadline - loop.time(), ABORT_GRACE))
+        # Cancels whatever is still running and closes what is left.
+        server.pre_shutdown()
+        await server.shutdown(ABORT_GRACE)
         emit("drained", clean=clean, duration_s=round(loop.time() - began, 3))
         return clean
+
+    async def _settle(self, server: Connections, deadline: float) -> bool:
+        """Wait until every request has been answered and every connection closed, giving a
+        connection accepted just before the listener closed a moment to send its request."""
+        loop = asyncio.get_running_loop()
+        fresh_until = loop.time() + FIRST_REQUEST_GRACE
+        while loop.time() < deadline:
+            server.close_connections(fresh_too=loop.time() >= fresh_until)
+            if server.open_connections == 0 and self.plane.inflight.count == 0:
+                return True
+            await asyncio.sleep(SETTLE_POLL)
+        return self.plane.inflight.count == 0
 
     # --- admin actions (POST only; see app.admin_app) -----------------------------------
 

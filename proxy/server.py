@@ -65,8 +65,20 @@ class _Server(web.Server):
     def __call__(self) -> RequestHandler:
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
 
-def data_server(plane: DataPlane, config: Config) -> web.Server:
+    def close_connections(self, fresh_too: bool) -> None:
+        """Close each connection once its current request is answered. A connection that has
+        not sent a request yet (accepted just before the listener closed) is left to send it,
+        unless `fresh_too`."""
+        for connection in self.connections:
+            if fresh_too or connection._request_count > 0:
+                connection.close()
+
+
+def data_server(plane: DataPlane, config: Config) -> _Server:
     limits = config.limits
     return _Server(
         plane,
