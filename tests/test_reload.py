@@ -46,9 +46,11 @@ async def health_of(proc: ProxyProcess) -> dict[str, Any]:
 
 
 async def admin_reload(proc: ProxyProcess) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(proc.admin_url + "/admin/reload") as response:
-            return response.status, await response.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proc.admin_url + "/admin/reload") as response,
+    ):
+        return response.status, await response.json()
 
 
 def hash_of(config: dict[str, Any]) -> str:
