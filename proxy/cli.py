@@ -13,9 +13,12 @@ from typing import Any
 import yaml
 
 from proxy import __version__, server
+from proxy.app import Runtime
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
+from proxy.health import connect_report
+from proxy.reload import store_of
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 _PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
 
 
@@ -32,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"config file (default: $IDEMPROXY_CONFIG, then {DEFAULT_PATH})",
         )
+        if name == "check":
+            command.add_argument(
+                "--connect",
+                action="store_true",
+                help="also probe the store and every upstream target (exit 3 if one fails)",
+            )
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -93,9 +102,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         sys.stdout.write(check(config))
+        if args.connect:
+            reachable, lines = asyncio.run(_connect(config))
+            sys.stdout.write("\n" + "\n".join(lines) + "\n")
+            return EXIT_OK if reachable else EXIT_UNREACHABLE
         return EXIT_OK
     run(config, path)
     return EXIT_OK
+
+
+async def _connect(config: Config) -> tuple[bool, list[str]]:
+    runtime = Runtime(config)
+    try:
+        return await connect_report(config, store_of(runtime))
+    finally:
+        await runtime.close()
 
 
 def run(config: Config, path: str) -> None:

@@ -70,8 +70,11 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def probe_http(session: aiohttp.ClientSession, url: str, timeout: float) -> Observation:
-    """GET `url`; 2xx and 3xx pass (as for a Kubernetes httpGet probe)."""
+async def probe_http(
+    session: aiohttp.ClientSession, url: str, timeout: float, any_status: bool = False
+) -> Observation:
+    """GET `url`; 2xx and 3xx pass (as for a Kubernetes httpGet probe), or any answer at all
+    with `any_status` (reachability only)."""
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
@@ -82,7 +85,7 @@ async def probe_http(session: aiohttp.ClientSession, url: str, timeout: float) -
         elapsed = _ms(started)
         return Observation("fail", elapsed, "ms", time.time(), _failure(exc), url)
     elapsed = _ms(started)
-    if 200 <= status < 400:
+    if any_status or 200 <= status < 400:
         return Observation("pass", elapsed, "ms", time.time(), None, url)
     return Observation("fail", elapsed, "ms", time.time(), f"HTTP {status}", url)
 
@@ -115,6 +118,39 @@ def _pending(component_id: str | None) -> Observation:
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+async def connect_report(config: Config, store: StoreHealth | None) -> tuple[bool, list[str]]:
+    """`idemproxy check --connect`: one probe of the store and of every upstream target (its
+    health path when configured, else any HTTP answer on `/`). False if anything failed."""
+    lines: list[str] = []
+    results: list[Observation] = []
+    if store is None:
+        scheme = config.store.url.split(":", 1)[0]
+        reason = "in-process" if scheme == "memory" else "no store client in this build"
+        lines.append(f"store ({scheme}): not checked, {reason}")
+    else:
+        ping, policy = await probe_store(store, config.health.store_timeout)
+        results.append(ping)
+        lines.append(_describe("store", ping))
+        if policy is not None:
+            lines.append(_describe("store eviction policy", policy))
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        for name, upstream in config.upstreams.items():
+            check = upstream.health
+            for url in upstream.target_urls:
+                if check is not None:
+                    seen = await probe_http(session, url + check.path, check.timeout)
+                else:
+                    seen = await probe_http(session, url + "/", upstream.connect_timeout, True)
+                results.append(seen)
+                lines.append(_describe(f"upstream {name} {seen.component_id}", seen))
+    return all(r.status == "pass" for r in results), lines
+
+
+def _describe(label: str, seen: Observation) -> str:
+    shown = "" if seen.value is None else f" {seen.value}" + (f" {seen.unit}" if seen.unit else "")
+    return f"{label}: {seen.status}{shown}" + (f" ({seen.output})" if seen.output else "")
 
 
 # --- checks that run in the background ----------------------------------------------------

@@ -274,3 +274,27 @@ async def test_checks_are_not_restarted_by_a_reload_that_keeps_them(
     assert monitor.upstreams["app"] is not kept
     await monitor.attach(config_for(upstream.url), None)
     assert monitor.upstreams == {}
+
+
+@pytest.mark.parametrize("on_data_port", [False, True])
+async def test_probes_on_the_data_port_only_when_enabled(
+    make_proxy: Any, upstream: RecordingUpstream, on_data_port: bool
+) -> None:
+    config = base_config(upstream.url, health={"on_data_port": on_data_port})
+    client = await make_proxy(config)
+    monitor = HealthMonitor()
+    await monitor.attach(parse(config, env={}), None)
+    client.server.plane.probes = health.probes(monitor)
+    try:
+        for path in ("/live", "/ready", "/health"):
+            response = await client.get(path)
+            assert response.status == 200
+            assert ("X-Trace-Id" in response.headers) is not on_data_port  # proxied or not
+        post = await client.post("/ready")  # only GET and HEAD are probes
+        assert post.status == 200
+        forwarded = [r.raw_path for r in upstream.received]
+        assert forwarded == (
+            ["/ready"] if on_data_port else ["/live", "/ready", "/health", "/ready"]
+        )
+    finally:
+        await monitor.close()
