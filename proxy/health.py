@@ -230,6 +230,7 @@ class UpstreamCheck:
 
 class StoreCheck:
     def __init__(self, store: StoreHealth, interval: float, timeout: float) -> None:
+        self.identity = (store, interval, timeout)
         self.store = store
         self.ping: Observation | None = None
         self.policy: Observation | None = None
@@ -339,7 +340,8 @@ class HealthMonitor:
             await stale.cancel()
         self.upstreams = checks
         settings = config.health
-        if self.store is not None and self.store.store is not store:
+        identity = (store, settings.store_interval, settings.store_timeout)
+        if self.store is not None and self.store.identity != identity:
             await self.store.cancel()
             self.store = None
         if self.store is None and store is not None:

@@ -18,12 +18,14 @@ from proxy.config import Config, ConfigError, config_hash, load
 from proxy.events import emit
 from proxy.health import HealthMonitor, ReloadAttempt, StoreHealth
 
-# Settings bound when the listeners start; a reload cannot apply them half-way.
+# Settings bound when the listeners (and the file watcher) start; a reload cannot apply them
+# half-way, so it refuses the whole file and asks for a restart.
 RESTART_ONLY: tuple[tuple[str, ...], ...] = (
     ("listen",),
     ("admin",),
     ("limits", "max_header_bytes"),
     ("limits", "header_timeout"),
+    ("reload",),
 )
 
 
@@ -60,8 +62,6 @@ class Reloader:
         self.path = Path(path)
         self.plane = plane
         self.monitor = monitor
-        # Hook for idemproxy_config_reloads_total{result}: called once per attempt.
-        self.on_attempt: list[Callable[[ReloadAttempt], None]] = []
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -69,8 +69,6 @@ class Reloader:
         async with self._lock:
             attempt = await self._attempt(trigger)
         self.monitor.reloads.record(attempt)
-        for hook in self.on_attempt:
-            hook(attempt)
         return attempt
 
     async def _attempt(self, trigger: str) -> ReloadAttempt:
