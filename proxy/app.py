@@ -16,8 +16,11 @@ from proxy import forward, tracing
 from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
+from proxy.idempotency import stage as idempotency
+from proxy.idempotency.keys import KeyHasher
 from proxy.problem import problem
 from proxy.routing import RouteTable
+from proxy.stores import Store, open_store
 from proxy.upstreams import Upstream
 
 
@@ -31,11 +34,16 @@ class Runtime:
     """Everything built from one config: upstream pools, the route table and the entry handler.
 
     A reload builds a new Runtime and swaps it in; requests keep the one they started with.
+    The idempotency store outlives reloads: the server passes its one store to each Runtime
+    (a Runtime built without one opens and owns its own).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.inflight = InFlight()
+        self._owns_store = store is None
+        self.store = open_store(config.store) if store is None else store
+        self.hasher = KeyHasher(config.logging.hash_salt)
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
         self.routes: RouteTable[CompiledRoute] = RouteTable(
             (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
@@ -45,9 +53,22 @@ class Runtime:
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
-        return forward.handler(
+        handler = forward.handler(
             self.upstreams[route.upstream], config.limits, config.trusted_proxies
         )
+        if route.idempotency.enabled:
+            handler = idempotency.stage(
+                handler,
+                route=route,
+                store=self.store,
+                store_config=config.store,
+                limits=config.limits,
+                hasher=self.hasher,
+                lease=idempotency.lease_for(
+                    config.upstreams[route.upstream].timeout, config.store.timeout
+                ),
+            )
+        return handler
 
     async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -93,6 +114,8 @@ class Runtime:
     async def close(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
+        if self._owns_store:
+            await self.store.close()
 
 
 class InFlight:

@@ -13,10 +13,9 @@ from typing import Any
 import yaml
 
 from proxy import __version__, server
-from proxy.app import Runtime
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
 from proxy.health import connect_report
-from proxy.reload import store_of
+from proxy.stores import open_store
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 _PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
@@ -112,11 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _connect(config: Config) -> tuple[bool, list[str]]:
-    runtime = Runtime(config)
+    store = open_store(config.store)
     try:
-        return await connect_report(config, store_of(runtime))
+        return await connect_report(config, store)
     finally:
-        await runtime.close()
+        await store.close()
 
 
 def run(config: Config, path: str) -> None:

@@ -120,21 +120,15 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-async def connect_report(config: Config, store: StoreHealth | None) -> tuple[bool, list[str]]:
+async def connect_report(config: Config, store: StoreHealth) -> tuple[bool, list[str]]:
     """`idemproxy check --connect`: one probe of the store and of every upstream target (its
     health path when configured, else any HTTP answer on `/`). False if anything failed."""
     lines: list[str] = []
-    results: list[Observation] = []
-    if store is None:
-        scheme = config.store.url.split(":", 1)[0]
-        reason = "in-process" if scheme == "memory" else "no store client in this build"
-        lines.append(f"store ({scheme}): not checked, {reason}")
-    else:
-        ping, policy = await probe_store(store, config.health.store_timeout)
-        results.append(ping)
-        lines.append(_describe("store", ping))
-        if policy is not None:
-            lines.append(_describe("store eviction policy", policy))
+    ping, policy = await probe_store(store, config.health.store_timeout)
+    results = [ping]
+    lines.append(_describe(f"store {config.store.url.split(':', 1)[0]}", ping))
+    if policy is not None:
+        lines.append(_describe("store eviction policy", policy))
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         for name, upstream in config.upstreams.items():
             check = upstream.health
@@ -246,11 +240,9 @@ class StoreCheck:
         self.ping, policy = await probe_store(self.store, self._timeout)
         if policy is not None or self.ping.status == "pass":
             self.policy = policy
-        if self.up != was:
+        if was is not None and self.up != was:
             level = "info" if self.up else "error"
             emit("store_health", level, up=self.up, output=self.ping.output)
-        if self.policy is not None and self.policy.status == "warn" and was is None:
-            emit("store_eviction_policy", "warning", output=self.policy.output)
 
     async def cancel(self) -> None:
         await self._loop.cancel()

@@ -16,7 +16,7 @@ from typing import Any
 from proxy.app import DataPlane, Runtime
 from proxy.config import Config, ConfigError, config_hash, load
 from proxy.events import emit
-from proxy.health import HealthMonitor, ReloadAttempt, StoreHealth
+from proxy.health import HealthMonitor, ReloadAttempt
 
 # Settings bound when the listeners (and the file watcher) start; a reload cannot apply them
 # half-way, so it refuses the whole file and asks for a restart.
@@ -26,6 +26,10 @@ RESTART_ONLY: tuple[tuple[str, ...], ...] = (
     ("limits", "max_header_bytes"),
     ("limits", "header_timeout"),
     ("reload",),
+    # The one store is opened at start and outlives reloads.
+    ("store", "url"),
+    ("store", "timeout"),
+    ("store", "max_records"),
 )
 
 
@@ -47,12 +51,6 @@ def _at(data: Any, path: tuple[str, ...]) -> Any:
     for part in path:
         data = data[part]
     return data
-
-
-def store_of(runtime: Runtime) -> StoreHealth | None:
-    """The runtime's idempotency store, once the store branch gives Runtime one."""
-    store: StoreHealth | None = getattr(runtime, "store", None)
-    return store
 
 
 class Reloader:
@@ -83,7 +81,7 @@ class Reloader:
             if new_hash == old_hash:
                 emit("config_reload", trigger=trigger, result="unchanged", hash=old_hash)
                 return ReloadAttempt(time.time(), trigger, "unchanged", old_hash)
-            runtime = Runtime(config)
+            runtime = Runtime(config, running.store)
         except Exception as exc:  # any failure before the swap leaves the running config alone
             error = exc.problems if isinstance(exc, ConfigError) else [repr(exc)]
             emit(
@@ -97,7 +95,7 @@ class Reloader:
             )
             return ReloadAttempt(time.time(), trigger, "failure", old_hash, error)
         self.plane.runtime = runtime
-        await self.monitor.attach(config, store_of(runtime))
+        await self.monitor.attach(config, runtime.store)
         self._retire(running)
         emit("config_reload", trigger=trigger, result="success", old_hash=old_hash, hash=new_hash)
         return ReloadAttempt(time.time(), trigger, "success", new_hash)

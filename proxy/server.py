@@ -17,7 +17,8 @@ from proxy.events import emit
 from proxy.health import HealthMonitor
 from proxy.lifecycle import Lifecycle
 from proxy.problem import problem
-from proxy.reload import Reloader, store_of
+from proxy.reload import Reloader
+from proxy.stores import Store, StoreError, open_store
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
@@ -92,14 +93,35 @@ def data_server(plane: DataPlane, config: Config) -> _Server:
     )
 
 
+async def check_store(store: Store) -> None:
+    """Warn when Redis may evict records: an evicted record is a forgotten key, so a retry
+    would run again."""
+    try:
+        policy = await store.eviction_policy()
+    except StoreError as exc:
+        emit("store_unreachable", "warning", detail=str(exc))
+        return
+    if policy is not None and policy != "noeviction":
+        emit(
+            "store_eviction_policy",
+            "warning",
+            maxmemory_policy=policy,
+            detail="Redis may evict idempotency records under memory pressure; "
+            "set maxmemory-policy noeviction",
+        )
+
+
 async def serve(config: Config, path: str) -> None:
     """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
 
-    SIGHUP, POST /admin/reload and changes of the file at `path` reload the config.
+    SIGHUP, POST /admin/reload and changes of the file at `path` reload the config; the one
+    idempotency store outlives reloads.
     """
-    plane = DataPlane(Runtime(config))
+    store = open_store(config.store)
+    await check_store(store)
+    plane = DataPlane(Runtime(config, store))
     monitor = HealthMonitor()
-    await monitor.attach(config, store_of(plane.runtime))
+    await monitor.attach(config, store)
     plane.probes = health.probes(monitor)
     reloader = Reloader(path, plane, monitor)
     lifecycle = Lifecycle(plane, monitor, reloader)
@@ -137,6 +159,7 @@ async def serve(config: Config, path: str) -> None:
         await plane.runtime.close()
         await monitor.close()
         await admin_runner.cleanup()
+        await store.close()
         emit("stopped")
 
 

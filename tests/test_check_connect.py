@@ -42,7 +42,7 @@ async def test_reachable_upstreams_exit_0(upstream: RecordingUpstream, tmp_path:
     code, out = await check_connect(config, tmp_path)
     assert code == 0, out
     report = out.split("ROUTE")[1].splitlines()
-    assert "store (memory): not checked, in-process" in report
+    assert any(line.startswith("store memory: pass 0.0 ms") for line in report)
     assert any(line.startswith(f"upstream app {upstream.url}/: pass ") for line in report)
     assert any(
         line.startswith(f"upstream checked {upstream.url}/healthz: pass ") for line in report
@@ -70,3 +70,17 @@ async def test_failing_health_path_exits_3(upstream: RecordingUpstream, tmp_path
     code, out = await check_connect(config, tmp_path)
     assert code == 3
     assert "(HTTP 500)" in out
+
+
+async def test_unreachable_store_exits_3(
+    upstream: RecordingUpstream, redis_server: Any, tmp_path: Path
+) -> None:
+    redis = redis_server()
+    config = base_config(upstream.url, store={"url": redis.url, "timeout": "200ms"})
+    code, out = await check_connect(config, tmp_path)
+    assert code == 0, out
+    assert "store eviction policy: pass noeviction" in out
+    redis.stop()
+    code, out = await check_connect(config, tmp_path)
+    assert code == 3
+    assert "store redis: fail" in out

@@ -40,7 +40,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(
 ) -> None:
     async def slow(request: web.Request) -> web.Response:
         await request.read()
-        await asyncio.sleep(0.05)  # keeps requests in flight when the listener closes
+        await asyncio.sleep(0.2)  # keeps requests in flight when the listener closes
         return web.Response(text="done")
 
     upstream.respond = slow
@@ -77,7 +77,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(
     async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as probe:
         workers = [asyncio.create_task(worker(session)) for _ in range(WORKERS)]
         watcher = asyncio.create_task(watch_ready(probe))
-        await eventually(lambda: asyncio.sleep(0, len(answered) >= 100), 10, "load running")
+        await eventually(lambda: asyncio.sleep(0, len(answered) >= 30), 10, "load running")
         term_at = time.monotonic()
         proc.signal(signal.SIGTERM)
         code, took = await exit_code(proc, timeout + 5)
@@ -88,7 +88,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(
     assert refused, "the listener never closed"
     closed_at = min(refused)
     accepted = [a for a in answered if a[0] < closed_at]
-    assert len(accepted) == len(answered) >= 100
+    assert len(accepted) == len(answered) >= 30
     assert {status for _, status, _ in answered} == {200}
     # /ready said 503 after the signal and before the listener closed ...
     assert any(term_at < at < closed_at and status == 503 for at, status in readiness)

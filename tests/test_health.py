@@ -15,11 +15,12 @@ from aiohttp.test_utils import TestClient
 from proxy import health
 from proxy.app import admin_app
 from proxy.config import Config, config_hash, parse
-from proxy.health import HealthMonitor, ReloadAttempt, StoreHealth
+from proxy.config import Store as StoreConfig
+from proxy.health import HealthMonitor, ReloadAttempt
+from proxy.stores import Store, open_store
 from tests.support.eventually import eventually
 from tests.support.ports import free_port
 from tests.support.proxy_process import base_config
-from tests.support.store_health import RedisHealth
 from tests.support.upstream import RecordingUpstream
 
 Admin = TestClient[web.Request, web.Application]
@@ -38,14 +39,14 @@ def config_for(upstream_url: str, check: dict[str, Any] | None = None, **over: A
 @pytest.fixture
 async def make_admin(aiohttp_client: Any) -> AsyncIterator[MakeAdmin]:
     monitors: list[HealthMonitor] = []
-    stores: list[RedisHealth] = []
+    stores: list[Store] = []
 
     async def factory(
-        config: Config, store: StoreHealth | None = None
+        config: Config, store: Store | None = None
     ) -> tuple[Admin, HealthMonitor]:
         monitor = HealthMonitor()
         monitors.append(monitor)
-        if isinstance(store, RedisHealth):
+        if store is not None:
             stores.append(store)
         await monitor.attach(config, store)
         client: Admin = await aiohttp_client(admin_app(health.probes(monitor), {}))
@@ -56,6 +57,11 @@ async def make_admin(aiohttp_client: Any) -> AsyncIterator[MakeAdmin]:
         await monitor.close()
     for store in stores:
         await store.close()
+
+
+def redis_store(url: str) -> Store:
+    """The idempotency store itself: its ping and eviction_policy feed the checks."""
+    return open_store(StoreConfig(url=url, timeout=0.5))
 
 
 async def ready(client: Admin, verbose: bool = False) -> tuple[int, str]:
@@ -88,7 +94,7 @@ async def test_all_checks_pass(
     make_admin: MakeAdmin, upstream: RecordingUpstream, redis_server: Any
 ) -> None:
     config = config_for(upstream.url, FAST)
-    client, _ = await make_admin(config, RedisHealth(redis_server().url))
+    client, _ = await make_admin(config, redis_store(redis_server().url))
     doc = await settled(client, "pass")
 
     assert await ready(client) == (200, "ok")
@@ -130,7 +136,7 @@ async def test_all_checks_pass(
 async def test_live_never_touches_dependencies(make_admin: MakeAdmin, redis_server: Any) -> None:
     redis = redis_server()
     dead = f"http://127.0.0.1:{free_port()}"
-    client, _ = await make_admin(config_for(dead, FAST), RedisHealth(redis.url))
+    client, _ = await make_admin(config_for(dead, FAST), redis_store(redis.url))
     redis.stop()
     await settled(client, "fail")
     response = await client.get("/live")
@@ -143,7 +149,7 @@ async def test_store_down_fails_ready_and_health_when_fail_closed(
     make_admin: MakeAdmin, upstream: RecordingUpstream, redis_server: Any
 ) -> None:
     redis = redis_server()
-    client, _ = await make_admin(config_for(upstream.url), RedisHealth(redis.url))
+    client, _ = await make_admin(config_for(upstream.url), redis_store(redis.url))
     await settled(client, "pass")
     redis.stop()
     doc = await settled(client, "fail")
@@ -168,7 +174,7 @@ async def test_store_down_only_warns_when_fail_open(
 ) -> None:
     redis = redis_server()
     config = config_for(upstream.url, store={"url": redis.url, "on_error": "fail_open"})
-    client, _ = await make_admin(config, RedisHealth(redis.url))
+    client, _ = await make_admin(config, redis_store(redis.url))
     redis.stop()
     doc = await settled(client, "warn")
     assert doc["checks"]["store:responseTime"][0]["status"] == "fail"
@@ -181,7 +187,7 @@ async def test_eviction_policy_other_than_noeviction_warns(
 ) -> None:
     redis = redis_server()
     redis.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
-    client, _ = await make_admin(config_for(upstream.url), RedisHealth(redis.url))
+    client, _ = await make_admin(config_for(upstream.url), redis_store(redis.url))
     doc = await settled(client, "warn")
     policy = doc["checks"]["store:evictionPolicy"][0]
     assert policy["status"] == "warn"
