@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.support.eventually import eventually
+from tests.support.idempotency import idem_config
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.upstream import RecordingUpstream
 
@@ -162,3 +163,46 @@ async def test_admin_drain_and_post_only_admin_paths(
     assert code == 0
     assert took < 5
     assert upstream.received[-1].raw_path == "/still-serving"
+
+
+async def test_idempotency_record_in_flight_at_sigterm_is_finalised(
+    proxy_process: Any, upstream: RecordingUpstream, redis_server: Any
+) -> None:
+    """The request finishes during the drain and its record is completed in Redis, so a
+    retry on another replica is replayed instead of executed again."""
+    release = asyncio.Event()
+
+    async def gated(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"charged": 1}, status=201)
+
+    upstream.respond = gated
+    upstream.arrived.clear()
+    redis = redis_server()
+    config = idem_config(upstream.url, redis.url)
+    config["shutdown"] = {"drain_delay": "0s", "timeout": "10s"}
+    first = proxy_process(config)
+    headers = {"Idempotency-Key": "drain-1"}
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(session.post(first.url + "/v1/pay", json={}, headers=headers))
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        first.signal(signal.SIGTERM)
+        await eventually(
+            lambda: asyncio.sleep(
+                0, any(e.get("event") == "listener_closed" for e in first.json_lines())
+            ),
+            10,
+            "the listener closed while the request is in flight",
+        )
+        release.set()
+        response = await pending
+        assert response.status == 201
+        assert response.headers["Connection"] == "close"
+        code, _ = await exit_code(first, 10)
+        assert code == 0
+
+        second = proxy_process(idem_config(upstream.url, redis.url))
+        async with session.post(second.url + "/v1/pay", json={}, headers=headers) as replay:
+            assert replay.status == 201
+            assert replay.headers["Idempotent-Replayed"] == "true"
+    assert upstream.count == 1

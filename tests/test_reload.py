@@ -17,6 +17,7 @@ import yaml
 from proxy.config import config_hash, parse
 from proxy.reload import file_signature, restart_required, watch
 from tests.support.eventually import eventually
+from tests.support.idempotency import idem_config
 from tests.support.ports import free_port
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.upstream import RecordingUpstream
@@ -135,6 +136,26 @@ async def test_bad_reloads_keep_the_last_good_config(
     failures = [e for e in reload_events(proc) if e["result"] == "failure"]
     assert len(failures) == 3
     assert all(e["level"] == "error" and e["running_hash"] == running for e in failures)
+
+
+async def test_the_memory_store_outlives_a_reload(
+    proxy_process: Any, upstream: RecordingUpstream
+) -> None:
+    config = idem_config(upstream.url, "memory://")
+    config["reload"] = {"watch": False}
+    proc = proxy_process(config)
+    headers = {"Idempotency-Key": "kept"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proc.url + "/v1/pay", json={}, headers=headers) as response:
+            assert response.status == 200
+        changed = copy.deepcopy(config)
+        changed["routes"][0]["idempotency"]["ttl"] = "1h"
+        proc.write_config(changed)
+        status, attempt = await admin_reload(proc)
+        assert (status, attempt["result"]) == (200, "success")
+        async with session.post(proc.url + "/v1/pay", json={}, headers=headers) as replay:
+            assert replay.headers["Idempotent-Replayed"] == "true"
+    assert upstream.count == 1
 
 
 class ConfigMapProxy(ProxyProcess):
