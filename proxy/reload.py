@@ -102,17 +102,23 @@ class Reloader:
 
     def _retire(self, runtime: Runtime) -> None:
         async def close_when_idle() -> None:
-            await runtime.inflight.wait_idle(None)
-            await runtime.close()
+            try:
+                await runtime.inflight.wait_idle(None)
+            finally:
+                await runtime.close()
 
         task = asyncio.create_task(close_when_idle())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     async def close(self, timeout: float) -> None:
-        """Wait (bounded) for old runtimes to finish their requests and close."""
+        """Let old runtimes finish their requests (bounded), then close them regardless."""
         if self._retiring:
-            await asyncio.wait(self._retiring, timeout=timeout)
+            _, late = await asyncio.wait(self._retiring, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
 
 def file_signature(path: Path) -> tuple[Any, ...] | None:

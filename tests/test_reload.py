@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from proxy.config import config_hash, parse
 from proxy.reload import file_signature, restart_required, watch
@@ -136,6 +137,39 @@ async def test_bad_reloads_keep_the_last_good_config(
     failures = [e for e in reload_events(proc) if e["result"] == "failure"]
     assert len(failures) == 3
     assert all(e["level"] == "error" and e["running_hash"] == running for e in failures)
+
+
+async def test_a_request_in_flight_finishes_on_the_config_it_started_with(
+    proxy_process: Any, upstream: RecordingUpstream
+) -> None:
+    release = asyncio.Event()
+
+    async def gated(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="finished")
+
+    upstream.respond = gated
+    upstream.arrived.clear()
+    config = base_config(upstream.url, reload={"watch": False})
+    proc = proxy_process(config)
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(session.get(proc.url + "/slow"))
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        proc.write_config(
+            only_v1(
+                upstream.url,
+                listen=config["listen"],
+                admin=config["admin"],
+                reload={"watch": False},
+            )
+        )
+        status, attempt = await admin_reload(proc)
+        assert (status, attempt["result"]) == (200, "success")
+        assert await status_of(proc.url + "/slow") == 404  # new requests see the new routes
+        release.set()
+        response = await pending
+        assert response.status == 200
+        assert await response.text() == "finished"
 
 
 async def test_the_memory_store_outlives_a_reload(
