@@ -159,7 +159,10 @@ class _Loop:
 
     async def _run(self, once: Callable[[], Awaitable[None]], interval: float) -> None:
         while not self._stopped:
-            await once()
+            try:
+                await once()
+            except Exception as exc:  # a bug must not freeze the last result for good
+                emit("health_check_error", "error", check=self.task.get_name(), error=repr(exc))
             await asyncio.sleep(interval)
 
     async def cancel(self) -> None:
