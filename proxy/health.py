@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -26,6 +25,7 @@ Status = Literal["pass", "warn", "fail"]
 HEALTH_JSON = "application/health+json"
 _PROBE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 _MAX_PROBE_BODY = 64 * 1024
+HISTORY = 10  # reload attempts kept for /health
 
 
 class StoreHealth(Protocol):
@@ -279,13 +279,14 @@ class ReloadLog:
     """The last reload attempts, for /health; `totals` feeds idemproxy_config_reloads_total."""
 
     started: float = field(default_factory=time.time)
-    history: deque[ReloadAttempt] = field(default_factory=lambda: deque(maxlen=10))
+    # A tuple replaced on every record, so another thread can iterate it safely.
+    history: tuple[ReloadAttempt, ...] = ()
     totals: dict[str, int] = field(
         default_factory=lambda: {"success": 0, "failure": 0, "unchanged": 0}
     )
 
     def record(self, attempt: ReloadAttempt) -> None:
-        self.history.append(attempt)
+        self.history = (*self.history, attempt)[-HISTORY:]
         self.totals[attempt.result] += 1
 
     @property
@@ -312,35 +313,43 @@ class HealthMonitor:
         self._session: aiohttp.ClientSession | None = None
 
     async def attach(self, config: Config, store: StoreHealth | None) -> None:
-        self.config = config
+        # The admin thread reads this state while it changes: publish new containers by
+        # assignment and never mutate one that may be read.
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
             )
+        previous = self.upstreams
         checks: dict[str, UpstreamCheck] = {}
         for name, upstream in config.upstreams.items():
             if upstream.health is None:
                 continue
-            current = self.upstreams.pop(name, None)
+            current = previous.get(name)
             if current is not None and current.identity == (
                 tuple(upstream.target_urls),
                 upstream.health,
             ):
                 checks[name] = current
-                continue
-            if current is not None:
-                await current.cancel()
-            checks[name] = UpstreamCheck(name, upstream.target_urls, upstream.health, self._session)
-        for stale in self.upstreams.values():
-            await stale.cancel()
+            else:
+                checks[name] = UpstreamCheck(
+                    name, upstream.target_urls, upstream.health, self._session
+                )
         self.upstreams = checks
         settings = config.health
+        stale_store = self.store
         identity = (store, settings.store_interval, settings.store_timeout)
-        if self.store is not None and self.store.identity != identity:
-            await self.store.cancel()
-            self.store = None
-        if self.store is None and store is not None:
+        if stale_store is not None and stale_store.identity == identity:
+            stale_store = None
+        elif store is not None:
             self.store = StoreCheck(store, settings.store_interval, settings.store_timeout)
+        else:
+            self.store = None
+        self.config = config
+        for name, check in previous.items():
+            if checks.get(name) is not check:
+                await check.cancel()
+        if stale_store is not None:
+            await stale_store.cancel()
 
     async def close(self) -> None:
         for check in self.upstreams.values():
