@@ -26,6 +26,10 @@ HEALTH_JSON = "application/health+json"
 _PROBE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 _MAX_PROBE_BODY = 64 * 1024
 HISTORY = 10  # reload attempts kept for /health
+# /live fails when the main loop has not run its 1 s heartbeat for this long (a deadlock or a
+# blocking call), which is what a liveness probe exists to catch.
+HEARTBEAT = 1.0
+LOOP_STALLED = 10.0
 
 
 class StoreHealth(Protocol):
@@ -311,10 +315,21 @@ class HealthMonitor:
         self.upstreams: dict[str, UpstreamCheck] = {}
         self.store: StoreCheck | None = None
         self._session: aiohttp.ClientSession | None = None
+        # The main loop's heartbeat, for /live served from the admin thread.
+        self.heartbeat = time.monotonic()
+        self._heart: _Loop | None = None
+
+    def loop_turning(self) -> bool:
+        return time.monotonic() - self.heartbeat < LOOP_STALLED
+
+    async def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
 
     async def attach(self, config: Config, store: StoreHealth | None) -> None:
         # The admin thread reads this state while it changes: publish new containers by
         # assignment and never mutate one that may be read.
+        if self._heart is None:
+            self._heart = _Loop(self._beat, HEARTBEAT, "health:heartbeat")
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
@@ -352,6 +367,8 @@ class HealthMonitor:
             await stale_store.cancel()
 
     async def close(self) -> None:
+        if self._heart is not None:
+            await self._heart.cancel()
         for check in self.upstreams.values():
             await check.cancel()
         if self.store is not None:
@@ -440,11 +457,6 @@ class HealthMonitor:
 Probe = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-async def live(request: web.BaseRequest) -> web.Response:
-    """200 while the event loop turns; never looks at a dependency."""
-    return web.Response(text="ok", headers=_PROBE_HEADERS)
-
-
 def ready_text(checks: list[tuple[str, bool]], verbose: bool) -> tuple[int, str]:
     """Kubernetes healthz format: `ok`, or one `[+]name ok` / `[-]name failed` line per check."""
     passed = all(ok for _, ok in checks)
@@ -457,6 +469,12 @@ def ready_text(checks: list[tuple[str, bool]], verbose: bool) -> tuple[int, str]
 
 def probes(monitor: HealthMonitor) -> dict[str, Probe]:
     """Path -> handler for the three probe endpoints (admin port, optionally the data port)."""
+
+    async def live(request: web.BaseRequest) -> web.Response:
+        """200 while the main event loop turns; never looks at a dependency."""
+        if not monitor.loop_turning():
+            return web.Response(status=503, text="event loop stalled\n", headers=_PROBE_HEADERS)
+        return web.Response(text="ok", headers=_PROBE_HEADERS)
 
     async def ready(request: web.BaseRequest) -> web.Response:
         verbose = "verbose" in request.query

@@ -15,6 +15,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
+from proxy.admin_thread import run_on
 from proxy.app import AdminHandler, DataPlane
 from proxy.events import emit, iso_time
 from proxy.health import HealthMonitor
@@ -48,6 +49,7 @@ class Lifecycle:
         self.monitor = monitor
         self.reloader = reloader
         self.stop = asyncio.Event()
+        self._main = asyncio.get_running_loop()
         self.trigger = ""
         self._reloads: set[asyncio.Task[object]] = set()
 
@@ -59,6 +61,9 @@ class Lifecycle:
         self.monitor.draining = True
         self.plane.start_drain()
         self.stop.set()
+
+    async def _stop_from_admin(self) -> None:
+        self.request_stop("admin")
 
     def request_reload(self, trigger: str) -> None:
         task = asyncio.create_task(self.reloader.reload(trigger))
@@ -119,13 +124,15 @@ class Lifecycle:
             "/admin/reload": _same_origin_only(self._reload_action),
         }
 
+    # These run on the admin thread's loop; the work itself belongs to the main loop.
+
     async def _drain_action(self, request: web.BaseRequest) -> web.Response:
-        self.request_stop("admin")
+        await run_on(self._main, self._stop_from_admin())  # /ready fails before the 202
         body = {"status": "draining", "since": iso_time(time.time())}
         return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
 
     async def _reload_action(self, request: web.BaseRequest) -> web.Response:
-        attempt = await self.reloader.reload("admin")
+        attempt = await run_on(self._main, self.reloader.reload("admin"))
         return web.Response(
             status=422 if attempt.result == "failure" else 200,
             body=orjson.dumps(attempt.render()),

@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import health, reload, tracing
+from proxy.admin_thread import AdminThread
 from proxy.app import DataPlane, Runtime, admin_app
 from proxy.config import Config, config_hash
 from proxy.events import emit
@@ -127,23 +128,21 @@ async def serve(config: Config, path: str) -> None:
     lifecycle = Lifecycle(plane, monitor, reloader)
     server = data_server(plane, config)
     data_runner = web.ServerRunner(server, handle_signals=False)
-    admin = admin_app(plane.probes, lifecycle.actions())
-    admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+    admin = AdminThread(
+        admin_app(plane.probes, lifecycle.actions()), config.admin.host, config.admin.port
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lifecycle.request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload, "signal")
     watcher: asyncio.Task[None] | None = None
     await data_runner.setup()
-    await admin_runner.setup()
     try:
         data_site = web.TCPSite(
             data_runner, config.listen.host, config.listen.port, reuse_address=True
         )
         await data_site.start()
-        await web.TCPSite(
-            admin_runner, config.admin.host, config.admin.port, reuse_address=True
-        ).start()
+        await admin.start()
         if config.reload.watch:
             watcher = asyncio.create_task(_watch(config, Path(path), reloader))
         emit(
@@ -158,7 +157,7 @@ async def serve(config: Config, path: str) -> None:
         await reloader.close(CLEANUP_TIMEOUT)
         await plane.runtime.close()
         await monitor.close()
-        await admin_runner.cleanup()
+        await admin.stop()
         await store.close()
         emit("stopped")
 

@@ -3,7 +3,9 @@ real upstream; the checks run in the background and the endpoints read their cac
 
 from __future__ import annotations
 
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy import health
+from proxy.admin_thread import AdminThread
 from proxy.app import admin_app
 from proxy.config import Config, config_hash, parse
 from proxy.config import Store as StoreConfig
@@ -41,9 +44,7 @@ async def make_admin(aiohttp_client: Any) -> AsyncIterator[MakeAdmin]:
     monitors: list[HealthMonitor] = []
     stores: list[Store] = []
 
-    async def factory(
-        config: Config, store: Store | None = None
-    ) -> tuple[Admin, HealthMonitor]:
+    async def factory(config: Config, store: Store | None = None) -> tuple[Admin, HealthMonitor]:
         monitor = HealthMonitor()
         monitors.append(monitor)
         if store is not None:
@@ -303,4 +304,42 @@ async def test_probes_on_the_data_port_only_when_enabled(
             ["/ready"] if on_data_port else ["/live", "/ready", "/health", "/ready"]
         )
     finally:
+        await monitor.close()
+
+
+async def test_live_fails_when_the_main_loop_stops_turning(
+    make_admin: MakeAdmin, upstream: RecordingUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = await make_admin(config_for(upstream.url))
+    assert (await client.get("/live")).status == 200
+    monkeypatch.setattr(health, "LOOP_STALLED", 0.0)  # every heartbeat is now too old
+    response = await client.get("/live")
+    assert response.status == 503
+    assert await response.text() == "event loop stalled\n"
+
+
+async def test_admin_thread_answers_while_the_main_loop_is_blocked(
+    upstream: RecordingUpstream,
+) -> None:
+    monitor = HealthMonitor()
+    await monitor.attach(config_for(upstream.url), None)
+    port = free_port()
+    admin = AdminThread(admin_app(health.probes(monitor), {}), "127.0.0.1", port)
+    await admin.start()
+    try:
+        answered: list[int] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            url = f"http://127.0.0.1:{port}/live"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                answered.append(response.status)
+            done.set()
+
+        threading.Thread(target=probe).start()
+        # Block this (the main) loop: only a probe served by another loop can get through.
+        assert done.wait(5)
+        assert answered == [200]
+    finally:
+        await admin.stop()
         await monitor.close()
