@@ -44,6 +44,8 @@ class Connections(Protocol):
 
 
 class Lifecycle:
+    """Turns signals and admin actions into a drain or a reload, always on the main loop."""
+
     def __init__(self, plane: DataPlane, monitor: HealthMonitor, reloader: Reloader) -> None:
         self.plane = plane
         self.monitor = monitor
