@@ -6,6 +6,8 @@ tracing -> dispatch (limits, routing) -> per-route stages -> forward.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -38,6 +40,7 @@ class Runtime:
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
+        self.inflight = InFlight()
         self._owns_store = store is None
         self.store = open_store(config.store) if store is None else store
         self.hasher = KeyHasher(config.logging.hash_salt)
@@ -115,14 +118,66 @@ class Runtime:
             await self.store.close()
 
 
+class InFlight:
+    """Counts requests in progress and lets shutdown and reload wait for zero."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """True once nothing is in progress; False if `timeout` seconds passed first."""
+        if self.count == 0:
+            return True
+        if self._idle is None or self._idle.is_set():
+            self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
 class DataPlane:
-    """The data-port request handler; `runtime` is replaced atomically on reload."""
+    """The data-port request handler; `runtime` is replaced atomically on reload.
+
+    After `start_drain()` every response not yet started carries `Connection: close`, including
+    those of requests already in progress. `probes` (path -> handler) answer on the data port
+    too when the config says `health.on_data_port: true`.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.inflight = InFlight()
+        self.draining = False
+        self.probes: Mapping[str, AdminHandler] = {}
+        self._live: dict[int, RequestContext] = {}
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for ctx in self._live.values():
+            ctx.close_connection = True
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
+        if runtime.config.health.on_data_port and request.method in ("GET", "HEAD"):
+            probe = self.probes.get(request.path)
+            if probe is not None:
+                return await probe(request)
         peer = request.remote or ""
         trusted = runtime.config.trusted_proxies
         client_ip = (
@@ -130,14 +185,39 @@ class DataPlane:
             if trusted
             else peer
         )
-        return await runtime.entry(RequestContext(request, client_ip))
+        ctx = RequestContext(request, client_ip, close_connection=self.draining)
+        key = id(ctx)
+        self._live[key] = ctx
+        self.inflight.enter()
+        runtime.inflight.enter()
+        try:
+            response = await runtime.entry(ctx)
+        finally:
+            runtime.inflight.leave()
+            self.inflight.leave()
+            del self._live[key]
+        if ctx.close_connection and not response.prepared:
+            response.force_close()
+        return response
 
 
-async def live(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+async def _admin_post_only(request: web.Request) -> web.Response:
+    """Every /admin/* path changes state: POST only (405 otherwise), unknown ones 404."""
+    if request.method != "POST":
+        return web.Response(
+            status=405, text="405: /admin/* accepts POST only\n", headers={"Allow": "POST"}
+        )
+    return web.Response(status=404, text=f"404: no admin action {request.path}\n")
 
 
-def admin_app() -> web.Application:
+def admin_app(
+    probes: Mapping[str, AdminHandler], actions: Mapping[str, AdminHandler]
+) -> web.Application:
+    """The admin port: probes (GET) and /admin/* actions (POST)."""
     app = web.Application()
-    app.router.add_get("/live", live)
+    for path, probe in probes.items():
+        app.router.add_get(path, probe)
+    for path, action in actions.items():
+        app.router.add_post(path, action)
+    app.router.add_route("*", "/admin/{tail:.*}", _admin_post_only)
     return app

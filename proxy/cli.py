@@ -14,8 +14,10 @@ import yaml
 
 from proxy import __version__, server
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
+from proxy.health import connect_report
+from proxy.stores import open_store
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 _PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
 
 
@@ -32,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"config file (default: $IDEMPROXY_CONFIG, then {DEFAULT_PATH})",
         )
+        if name == "check":
+            command.add_argument(
+                "--connect",
+                action="store_true",
+                help="also probe the store and every upstream target (exit 3 if one fails)",
+            )
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -93,15 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         sys.stdout.write(check(config))
+        if args.connect:
+            reachable, lines = asyncio.run(_connect(config))
+            sys.stdout.write("\n" + "\n".join(lines) + "\n")
+            return EXIT_OK if reachable else EXIT_UNREACHABLE
         return EXIT_OK
-    run(config)
+    run(config, path)
     return EXIT_OK
 
 
-def run(config: Config) -> None:
+async def _connect(config: Config) -> tuple[bool, list[str]]:
+    store = open_store(config.store)
+    try:
+        return await connect_report(config, store)
+    finally:
+        await store.close()
+
+
+def run(config: Config, path: str) -> None:
     try:
         import uvloop
     except ImportError:  # Windows: the default loop
-        asyncio.run(server.serve(config))
+        asyncio.run(server.serve(config, path))
     else:
-        uvloop.run(server.serve(config))
+        uvloop.run(server.serve(config, path))

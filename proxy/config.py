@@ -137,6 +137,8 @@ def _http_url(value: object) -> object:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+# For intervals and probe timeouts, where zero would mean a busy loop or a check that cannot pass.
+PositiveDuration = Annotated[Duration, Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 Method = Annotated[str, BeforeValidator(_method)]
@@ -184,8 +186,8 @@ class Store(Model):
 
 class HealthCheck(Model):
     path: str = "/healthz"
-    interval: Duration = 5.0
-    timeout: Duration = 1.0
+    interval: PositiveDuration = 5.0
+    timeout: PositiveDuration = 1.0
     required: bool = True
 
 
@@ -290,6 +292,23 @@ class Shutdown(Model):
     timeout: Duration = 25.0
 
 
+class Health(Model):
+    """Proxy-wide health settings; per-upstream checks live under `upstreams.<name>.health`."""
+
+    # Also answer /live, /ready and /health on the data port (the upstream may own those paths).
+    on_data_port: bool = False
+    store_interval: PositiveDuration = 5.0
+    store_timeout: PositiveDuration = 1.0
+
+
+class Reload(Model):
+    """Reload on a change of the config file (its directory is polled, so symlink swaps count)."""
+
+    watch: bool = True
+    poll_interval: PositiveDuration = 1.0
+    debounce: Duration = 0.5
+
+
 class Config(Model):
     listen: Listen = Listen()
     admin: Admin = Admin()
@@ -300,6 +319,8 @@ class Config(Model):
     limits: Limits = Limits()
     logging: Logging = Logging()
     shutdown: Shutdown = Shutdown()
+    health: Health = Health()
+    reload: Reload = Reload()
 
 
 # --- loading ------------------------------------------------------------------------------

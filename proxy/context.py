@@ -52,6 +52,8 @@ class RequestContext:
     # Why reading the client's request failed (size, deadline, disconnect), when it did.
     request_error: Exception | None = None
     client_disconnected: bool = False
+    # Set by the data plane while draining: the response must carry `Connection: close`.
+    close_connection: bool = False
 
 
 Handler = Callable[[RequestContext], Awaitable[web.StreamResponse]]

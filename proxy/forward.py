@@ -82,6 +82,8 @@ async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamR
     response.headers["X-Trace-Id"] = ctx.trace_id
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
+    if ctx.close_connection:
+        response.force_close()
     ctx.status = upstream.status
     tap = ctx.tap
     if tap is not None:

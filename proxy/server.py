@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
+from pathlib import Path
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import tracing
+from proxy import health, reload, tracing
+from proxy.admin_thread import AdminThread
 from proxy.app import DataPlane, Runtime, admin_app
-from proxy.config import Config
+from proxy.config import Config, config_hash
+from proxy.events import emit
+from proxy.health import HealthMonitor
+from proxy.lifecycle import Lifecycle
 from proxy.problem import problem
+from proxy.reload import Reloader
 from proxy.stores import Store, StoreError, open_store
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
@@ -23,6 +27,8 @@ MAX_HEADERS = 128
 # After an early answer (413, 408) aiohttp drains the unread body this long before closing;
 # its default of 10s would let a slow client hold the connection well past the body deadline.
 LINGERING_TIME = 1.0
+# Bound on waiting for runtimes retired by a reload to finish their requests at exit.
+CLEANUP_TIMEOUT = 0.5
 
 
 def parse_error_response(exc: BaseException | None) -> web.Response:
@@ -61,8 +67,20 @@ class _Server(web.Server):
     def __call__(self) -> RequestHandler:
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
 
-def data_server(plane: DataPlane, config: Config) -> web.Server:
+    def close_connections(self, fresh_too: bool) -> None:
+        """Close each connection once its current request is answered. A connection that has
+        not sent a request yet (accepted just before the listener closed) is left to send it,
+        unless `fresh_too`."""
+        for connection in self.connections:
+            if fresh_too or connection._request_count > 0:
+                connection.close()
+
+
+def data_server(plane: DataPlane, config: Config) -> _Server:
     limits = config.limits
     return _Server(
         plane,
@@ -78,14 +96,14 @@ def data_server(plane: DataPlane, config: Config) -> web.Server:
 
 async def check_store(store: Store) -> None:
     """Warn when Redis may evict records: an evicted record is a forgotten key, so a retry
-    would run again. Print-based until the event logger lands."""
+    would run again."""
     try:
         policy = await store.eviction_policy()
     except StoreError as exc:
-        _event("store_unreachable", "warning", detail=str(exc))
+        emit("store_unreachable", "warning", detail=str(exc))
         return
     if policy is not None and policy != "noeviction":
-        _event(
+        emit(
             "store_eviction_policy",
             "warning",
             maxmemory_policy=policy,
@@ -94,36 +112,60 @@ async def check_store(store: Store) -> None:
         )
 
 
-def _event(event: str, level: str, **fields: str) -> None:
-    sys.stdout.write(orjson.dumps({"event": event, "level": level, **fields}).decode() + "\n")
-    sys.stdout.flush()
+async def serve(config: Config, path: str) -> None:
+    """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
 
-
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then close listeners and finish in-flight requests."""
+    SIGHUP, POST /admin/reload and changes of the file at `path` reload the config; the one
+    idempotency store outlives reloads.
+    """
     store = open_store(config.store)
     await check_store(store)
-    runtime = Runtime(config, store)
-    plane = DataPlane(runtime)
-    data_runner = web.ServerRunner(data_server(plane, config), handle_signals=False)
-    admin_runner = web.AppRunner(admin_app(), handle_signals=False, access_log=None)
-    stop = asyncio.Event()
+    plane = DataPlane(Runtime(config, store))
+    monitor = HealthMonitor()
+    await monitor.attach(config, store)
+    plane.probes = health.probes(monitor)
+    reloader = Reloader(path, plane, monitor)
+    lifecycle = Lifecycle(plane, monitor, reloader)
+    server = data_server(plane, config)
+    data_runner = web.ServerRunner(server, handle_signals=False)
+    admin = AdminThread(
+        admin_app(plane.probes, lifecycle.actions()), config.admin.host, config.admin.port
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lifecycle.request_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload, "signal")
+    watcher: asyncio.Task[None] | None = None
     await data_runner.setup()
-    await admin_runner.setup()
     try:
-        await web.TCPSite(
+        data_site = web.TCPSite(
             data_runner, config.listen.host, config.listen.port, reuse_address=True
-        ).start()
-        await web.TCPSite(
-            admin_runner, config.admin.host, config.admin.port, reuse_address=True
-        ).start()
-        await stop.wait()
+        )
+        await data_site.start()
+        await admin.start()
+        if config.reload.watch:
+            watcher = asyncio.create_task(_watch(config, Path(path), reloader))
+        emit(
+            "started", hash=config_hash(config), listen=config.listen.port, admin=config.admin.port
+        )
+        await lifecycle.stop.wait()
+        await lifecycle.drain(data_site, server)
     finally:
-        await data_runner.shutdown()
+        if watcher is not None:
+            watcher.cancel()
         await data_runner.cleanup()
-        await admin_runner.cleanup()
+        await reloader.close(CLEANUP_TIMEOUT)
         await plane.runtime.close()
+        await monitor.close()
+        await admin.stop()
         await store.close()
+        emit("stopped")
+
+
+async def _watch(config: Config, path: Path, reloader: Reloader) -> None:
+    settings = config.reload
+
+    async def changed() -> None:
+        await reloader.reload("file")
+
+    await reload.watch(path, settings.poll_interval, settings.debounce, changed)
