@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy import forward, tracing
+from proxy import admission, forward, quota, retry, tracing
 from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
 from proxy.problem import problem
+from proxy.ratelimit import Limiter, MemoryLimiter
 from proxy.routing import RouteTable
 from proxy.upstreams import Upstream
 
@@ -29,11 +30,15 @@ class Runtime:
     """Everything built from one config: upstream pools, the route table and the entry handler.
 
     A reload builds a new Runtime and swaps it in; requests keep the one they started with.
+    Pass the `previous` runtime so target health, circuit state and memory quotas carry over.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, previous: Runtime | None = None) -> None:
         self.config = config
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        self.limiter: Limiter | None = None
+        if previous is not None:
+            self._inherit(previous)
         self.routes: RouteTable[CompiledRoute] = RouteTable(
             (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
             for r in config.routes
@@ -42,9 +47,31 @@ class Runtime:
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
-        return forward.handler(
-            self.upstreams[route.upstream], config.limits, config.trusted_proxies
+        upstream = self.upstreams[route.upstream]
+        handler = forward.handler(
+            upstream,
+            config.limits,
+            config.trusted_proxies,
+            retry.exchange(upstream, route.retries),
         )
+        # Shedding sits outside idempotency: an overloaded request never claims a key.
+        handler = admission.stage(handler, upstream)
+        if route.quota is not None:
+            handler = quota.stage(handler, route, self._quota_limiter())
+        return handler
+
+    def _quota_limiter(self) -> Limiter:
+        if self.limiter is None:
+            self.limiter = MemoryLimiter(self.config.store.max_records)
+        return self.limiter
+
+    def _inherit(self, previous: Runtime) -> None:
+        for name, upstream in self.upstreams.items():
+            old = previous.upstreams.get(name)
+            if old is not None:
+                upstream.inherit(old)
+        if isinstance(previous.limiter, MemoryLimiter):
+            self.limiter = previous.limiter
 
     async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -90,6 +117,8 @@ class Runtime:
     async def close(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
+        if self.limiter is not None:
+            await self.limiter.close()
 
 
 class DataPlane:
