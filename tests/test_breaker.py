@@ -104,15 +104,15 @@ def breaker_config(urls: list[str], **breaker: Any) -> dict[str, Any]:
     return config
 
 
-async def wait_for_status(client: Any, wanted: int, timeout: float = 5.0) -> Any:
+async def wait_for_status(client: Any, wanted: int, within: float = 5.0) -> Any:
     """Poll the proxy until it answers `wanted` (the breaker moves on time, not on events)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         response = await client.get("/poll")
         if response.status == wanted:
             return response
         await asyncio.sleep(0.05)
-    pytest.fail(f"proxy did not answer {wanted} within {timeout}s")
+    pytest.fail(f"proxy did not answer {wanted} within {within}s")
 
 
 async def test_5xx_opens_the_circuit_fast_and_recovery_closes_it(
