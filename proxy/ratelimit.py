@@ -64,14 +64,13 @@ class MemoryLimiter:
 
     async def acquire(self, key: str, interval: float, burst: int) -> Decision:
         now = time.monotonic()
-        tat = max(self._tat.get(key, now), now)
-        new_tat = tat + interval
-        if new_tat - now > burst * interval:
-            return decide(False, tat - now, interval, burst)
+        ahead = max(self._tat.get(key, now) - now, 0.0)  # TAT - now, relative to stay exact
+        if ahead + interval > burst * interval * (1 + 1e-9):
+            return decide(False, ahead, interval, burst)
         if key not in self._tat and len(self._tat) >= self._max_keys:
             self._sweep(now)
-        self._tat[key] = new_tat
-        return decide(True, new_tat - now, interval, burst)
+        self._tat[key] = now + ahead + interval
+        return decide(True, ahead + interval, interval, burst)
 
     def _sweep(self, now: float) -> None:
         idle = [k for k, tat in self._tat.items() if tat <= now]
