@@ -9,6 +9,7 @@ exact limit without trusting their own clocks.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -82,15 +83,18 @@ class MemoryLimiter:
 
 
 class RedisLimiter:
-    """GCRA in Redis: one Lua script per request, server time in microseconds."""
+    """GCRA in Redis: one Lua script per request, server time in microseconds. `timeout`
+    bounds each check (client retries included) so a stalled Redis costs at most that."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, timeout: float) -> None:
         self._client = client
+        self._timeout = timeout
         self._step = client.register_script(_REDIS_STEP)
 
     async def acquire(self, key: str, interval: float, burst: int) -> Decision:
         step = max(1, round(interval * 1_000_000))
-        allowed, ahead = await self._step(keys=[key], args=[step, burst])
+        async with asyncio.timeout(self._timeout):
+            allowed, ahead = await self._step(keys=[key], args=[step, burst])
         return decide(bool(allowed), int(ahead) / 1_000_000, step / 1_000_000, burst)
 
     async def close(self) -> None:

@@ -129,8 +129,21 @@ class Upstream:
         self.targets[index].healthy = healthy
 
     def circuit_states(self) -> list[tuple[str, str]]:
-        """(target url, closed|open|half_open) for every target."""
+        """(target url, closed|open|half_open) for every target (idemproxy_circuit_state)."""
         return [(t.url, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Per target, for /health: url, weight, healthy, circuit, seconds until a probe."""
+        return [
+            {
+                "url": t.url,
+                "weight": t.weight,
+                "healthy": t.healthy,
+                "circuit": state,
+                "retry_after": t.breaker.retry_after() if t.breaker else 0.0,
+            }
+            for t, (_, state) in zip(self.targets, self.circuit_states(), strict=True)
+        ]
 
     def inherit(self, previous: Upstream) -> None:
         """After a reload: keep health and circuit state of targets whose URL is unchanged."""

@@ -166,8 +166,12 @@ async def test_an_open_target_is_skipped_while_another_serves(
     statuses = [(await client.get(f"/{i}")).status for i in range(6)]
     assert statuses[0] == 502  # the first pick goes to the refusing target
     assert statuses[1:] == [200] * 5
-    states = dict(client.server.plane.runtime.upstreams["app"].circuit_states())
-    assert states == {bad: OPEN, upstream.url: CLOSED}
+    app = client.server.plane.runtime.upstreams["app"]
+    assert dict(app.circuit_states()) == {bad: OPEN, upstream.url: CLOSED}
+    first, second = app.snapshot()
+    assert (first["url"], first["circuit"], first["healthy"]) == (bad, OPEN, True)
+    assert 0 < first["retry_after"] <= 0.3
+    assert (second["circuit"], second["retry_after"], second["weight"]) == (CLOSED, 0.0, 1)
 
 
 async def test_failure_statuses_are_configurable(

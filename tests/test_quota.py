@@ -96,7 +96,7 @@ async def test_redis_quota_is_exact_across_replicas(
     server = redis_server()
     config = parse(quota_config(upstream.url), env={})
     clients = [aioredis.Redis.from_url(server.url) for _ in range(2)]
-    replicas = [RedisLimiter(client) for client in clients]
+    replicas = [RedisLimiter(client, 1.0) for client in clients]
     key = storage_key("default", "ip:10.0.0.1")
     interval = 1 / config.routes[0].quota.rate  # type: ignore[union-attr]
     try:
