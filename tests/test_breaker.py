@@ -11,7 +11,7 @@ import pytest
 
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from proxy.config import CircuitBreaker as BreakerConfig
-from tests.support.faults import refusing_url, status
+from tests.support.faults import hang_until, refusing_url, status
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream, echo
 
@@ -188,3 +188,21 @@ async def test_failure_statuses_are_configurable(
     assert (await client.get("/x")).status == 500
     assert (await client.get("/x")).status == 503
     assert upstream.count == 4
+
+
+async def test_a_hanging_upstream_times_out_and_opens_the_circuit(
+    make_proxy: Any, upstream: RecordingUpstream
+) -> None:
+    release = asyncio.Event()
+    upstream.respond = hang_until(release)
+    config = breaker_config([upstream.url], consecutive_failures=1, open_for="1m")
+    config["upstreams"]["app"]["timeout"] = "200ms"
+    client = await make_proxy(config)
+    try:
+        assert (await client.get("/x")).status == 504
+        response = await client.get("/x")
+        assert response.status == 503
+        assert int(response.headers["Retry-After"]) == 60
+        assert upstream.count == 1, "no upstream attempt while open"
+    finally:
+        release.set()
