@@ -71,7 +71,8 @@ class Runtime:
             if old is not None:
                 upstream.inherit(old)
         if isinstance(previous.limiter, MemoryLimiter):
-            self.limiter = previous.limiter
+            # Taken over: closing the previous runtime must not clear the counters.
+            self.limiter, previous.limiter = previous.limiter, None
 
     async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request

@@ -111,3 +111,18 @@ async def test_redis_quota_is_exact_across_replicas(
     finally:
         for limiter in replicas:
             await limiter.close()
+
+
+async def test_reload_keeps_memory_quota_counters(upstream: RecordingUpstream) -> None:
+    config = parse(quota_config(upstream.url, burst=2), env={})
+    old = Runtime(config)
+    limiter = old.limiter
+    assert limiter is not None
+    key = storage_key("default", "ip:10.0.0.1")
+    for _ in range(2):
+        assert (await limiter.acquire(key, 3600, 2)).allowed
+    new = Runtime(config, old)
+    await old.close()
+    assert new.limiter is limiter
+    assert not (await limiter.acquire(key, 3600, 2)).allowed, "spent quota survives a reload"
+    await new.close()
