@@ -1,0 +1,17 @@
+"""Idempotency record stores: `open_store(config.store)` picks memory or Redis from the URL."""
+
+from __future__ import annotations
+
+from proxy.config import Store as StoreConfig
+from proxy.stores.base import Store, StoreError
+from proxy.stores.memory import MemoryStore
+from proxy.stores.redis import RedisStore
+
+__all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
+
+
+def open_store(config: StoreConfig) -> Store:
+    """Build the store named by `config.url`; no I/O happens until the first operation."""
+    if config.url.startswith("memory:"):
+        return MemoryStore(config.max_records)
+    return RedisStore.from_url(config.url, config.timeout)

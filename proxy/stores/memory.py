@@ -1,0 +1,139 @@
+"""In-process record store (`memory://`): the Redis semantics for one replica.
+
+Every operation runs without awaiting, so each is atomic under asyncio. Expiry is checked on
+access and a background sweeper removes expired records; the number of live records is bounded
+and a claim beyond the bound fails (the store is full) rather than evicting a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+
+from proxy.stores.base import (
+    COMPLETED,
+    IN_FLIGHT,
+    INDETERMINATE,
+    Record,
+    StoredResponse,
+    StoreError,
+)
+
+SWEEP_INTERVAL = 1.0
+
+
+class _Entry:
+    __slots__ = ("expires", "fingerprint", "response", "state", "token")
+
+    def __init__(self, token: str, fingerprint: str, expires: float) -> None:
+        self.state = IN_FLIGHT
+        self.token = token
+        self.fingerprint = fingerprint
+        self.expires = expires
+        self.response: StoredResponse | None = None
+
+
+class MemoryStore:
+    def __init__(self, max_records: int, sweep_interval: float = SWEEP_INTERVAL) -> None:
+        self.max_records = max_records
+        self._sweep_interval = sweep_interval
+        self._entries: dict[str, _Entry] = {}
+        self._expiries: list[tuple[float, str]] = []  # heap; stale items are skipped
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _live(self, key: str, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires <= now:
+            del self._entries[key]
+            return None
+        return entry
+
+    def _expire_at(self, key: str, entry: _Entry, when: float) -> None:
+        entry.expires = when
+        heapq.heappush(self._expiries, (when, key))
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop every record whose time is up."""
+        now = time.monotonic() if now is None else now
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            when, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires == when:
+                del self._entries[key]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self.sweep()
+
+    def _record(self, entry: _Entry, now: float) -> Record:
+        return Record(
+            entry.state, entry.token, entry.fingerprint, entry.expires - now, entry.response
+        )
+
+    async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> Record | None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        now = time.monotonic()
+        entry = self._live(key, now)
+        if entry is None:
+            if len(self._entries) >= self.max_records:
+                self.sweep(now)
+                if len(self._entries) >= self.max_records:
+                    raise StoreError(f"memory store is full ({self.max_records} records)")
+            entry = self._entries[key] = _Entry(token, fingerprint, 0.0)
+            self._expire_at(key, entry, now + lease)
+            return None
+        if entry.token == token:
+            return None
+        return self._record(entry, now)
+
+    async def get(self, key: str) -> Record | None:
+        now = time.monotonic()
+        entry = self._live(key, now)
+        return None if entry is None else self._record(entry, now)
+
+    def _owned(self, key: str, token: str) -> _Entry | None:
+        entry = self._live(key, time.monotonic())
+        return entry if entry is not None and entry.token == token else None
+
+    async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
+        entry = self._owned(key, token)
+        if entry is None or entry.state != IN_FLIGHT:
+            return entry is not None and entry.state == COMPLETED
+        entry.state = COMPLETED
+        entry.response = response
+        self._expire_at(key, entry, time.monotonic() + ttl)
+        return True
+
+    async def mark_indeterminate(self, key: str, token: str) -> bool:
+        entry = self._owned(key, token)
+        if entry is None or entry.state == COMPLETED:
+            return False
+        entry.state = INDETERMINATE
+        return True
+
+    async def release(self, key: str, token: str) -> bool:
+        entry = self._owned(key, token)
+        if entry is None or entry.state != IN_FLIGHT:
+            return False
+        del self._entries[key]
+        return True
+
+    async def ping(self) -> float:
+        return 0.0
+
+    async def eviction_policy(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._entries.clear()
+        self._expiries.clear()

@@ -1,0 +1,201 @@
+"""Redis record store: one hash per record under `idem:v1:{<key>}` (the hash tag keeps every
+script on one Cluster slot), each transition one Lua script with compare-and-set on the owner
+token, expiry by the server (`PEXPIRE`), never by the proxy's clock.
+
+Every operation is bounded by the store budget as a whole. The scripts are idempotent for
+their owner, so redis-py's one reconnect-retry (which re-sends the command) is harmless and a
+claim whose reply was lost is recognised when it is repeated or read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import RedisCluster
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy import redis_client
+from proxy.stores.base import (
+    COMPLETED,
+    SCHEMA_VERSION,
+    Record,
+    StoredResponse,
+    StoreError,
+)
+
+
+class StoreTimeout(StoreError):
+    """No answer within the budget: a write may or may not have been applied."""
+
+
+KEY_PREFIX = f"idem:v{SCHEMA_VERSION}:"
+
+# KEYS[1] record; ARGV token, fingerprint, lease ms, schema version.
+# Returns 0 when the caller owns the record (new, or its own earlier claim), else the record.
+_CLAIM = """
+local token = redis.call('HGET', KEYS[1], 'token')
+if not token then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'v', ARGV[4], 'state', 'in_flight', 'token', ARGV[1], 'fp', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 0
+end
+if token == ARGV[1] then return 0 end
+local record = redis.call('HGETALL', KEYS[1])
+record[#record + 1] = 'pttl'
+record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
+return record
+"""
+
+_GET = """
+local record = redis.call('HGETALL', KEYS[1])
+if #record == 0 then return 0 end
+record[#record + 1] = 'pttl'
+record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
+return record
+"""
+
+# ARGV token, new state, ttl ms, status, headers json, body, replayable (1|0).
+# completed: store the response and restart the expiry at the retention ttl;
+# indeterminate: keep the remaining lease. Repeating a finished transition answers 1.
+_COMPLETE = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == ARGV[2] then return 1 end
+if state ~= 'in_flight' then return 0 end
+if ARGV[2] == 'indeterminate' then
+  redis.call('HSET', KEYS[1], 'state', 'indeterminate')
+  return 1
+end
+redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[4], 'headers', ARGV[5],
+           'body', ARGV[6], 'replayable', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+def redis_key(key: str) -> str:
+    return f"{KEY_PREFIX}{{{key}}}"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def parse_record(reply: Sequence[bytes]) -> Record:
+    """A record from the flat HGETALL(+pttl) list the scripts return."""
+    fields = {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
+    version = fields.get(b"v", b"")
+    if version != str(SCHEMA_VERSION).encode():
+        raise StoreError(f"record schema {version!r} is not supported by this version")
+    state = fields[b"state"].decode()
+    response = None
+    if state == COMPLETED:
+        headers = tuple((k, v) for k, v in orjson.loads(fields[b"headers"]))
+        response = StoredResponse(
+            int(fields[b"status"]), headers, fields[b"body"], fields[b"replayable"] == b"1"
+        )
+    pttl = int(fields.get(b"pttl", b"-1"))
+    return Record(
+        state,
+        fields[b"token"].decode(),
+        fields[b"fp"].decode(),
+        pttl / 1000 if pttl > 0 else 0.0,
+        response,
+    )
+
+
+class RedisStore:
+    def __init__(self, client: redis_client.Client, budget: float) -> None:
+        self.client = client
+        self.budget = budget
+        self._claim = client.register_script(_CLAIM)
+        self._get = client.register_script(_GET)
+        self._complete = client.register_script(_COMPLETE)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, budget: float) -> RedisStore:
+        return cls(redis_client.connect(url, budget), budget)
+
+    async def _run(self, coro: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.budget):
+                return await coro
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise StoreTimeout(f"redis did not answer within {self.budget:g}s") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc or type(exc).__name__}") from exc
+
+    async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> Record | None:
+        rkey = redis_key(key)
+        try:
+            reply = await self._run(
+                self._claim(keys=[rkey], args=[token, fingerprint, _ms(lease), SCHEMA_VERSION])
+            )
+        except StoreTimeout:
+            raise  # the budget is spent; the caller releases the token in the background
+        except StoreError:
+            # The claim may have been applied before the connection failed: read it back.
+            record = await self.get(key)
+            if record is None:
+                raise
+            return None if record.token == token else record
+        return None if reply == 0 else parse_record(reply)
+
+    async def get(self, key: str) -> Record | None:
+        reply = await self._run(self._get(keys=[redis_key(key)]))
+        return None if reply == 0 else parse_record(reply)
+
+    async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
+        args: list[bytes | str | int] = [
+            token,
+            COMPLETED,
+            _ms(ttl),
+            response.status,
+            orjson.dumps(response.headers),
+            response.body,
+            int(response.replayable),
+        ]
+        return bool(await self._run(self._complete(keys=[redis_key(key)], args=args)))
+
+    async def mark_indeterminate(self, key: str, token: str) -> bool:
+        args: list[bytes | str | int] = [token, "indeterminate", 0, 0, b"", b"", 0]
+        return bool(await self._run(self._complete(keys=[redis_key(key)], args=args)))
+
+    async def release(self, key: str, token: str) -> bool:
+        return bool(await self._run(self._release(keys=[redis_key(key)], args=[token])))
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        await self._run(self.client.ping())
+        return time.perf_counter() - started
+
+    async def eviction_policy(self) -> str | None:
+        try:
+            if isinstance(self.client, RedisCluster):
+                reply = await self._run(
+                    self.client.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
+                )
+            else:
+                reply = await self._run(self.client.config_get("maxmemory-policy"))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, ResponseError):  # CONFIG disabled (managed Redis)
+                return None
+            raise
+        value = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def close(self) -> None:
+        await redis_client.close(self.client)
