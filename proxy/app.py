@@ -15,7 +15,7 @@ from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
 from proxy.problem import problem
-from proxy.ratelimit import Limiter, MemoryLimiter
+from proxy.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from proxy.routing import RouteTable
 from proxy.upstreams import Upstream
 
@@ -61,8 +61,13 @@ class Runtime:
         return handler
 
     def _quota_limiter(self) -> Limiter:
+        store = self.config.store
         if self.limiter is None:
-            self.limiter = MemoryLimiter(self.config.store.max_records)
+            self.limiter = (
+                MemoryLimiter(store.max_records)
+                if store.url.startswith("memory:")
+                else RedisLimiter(store.url, store.timeout)
+            )
         return self.limiter
 
     def _inherit(self, previous: Runtime) -> None:
@@ -70,7 +75,9 @@ class Runtime:
             old = previous.upstreams.get(name)
             if old is not None:
                 upstream.inherit(old)
-        if isinstance(previous.limiter, MemoryLimiter):
+        if isinstance(previous.limiter, MemoryLimiter) and self.config.store.url.startswith(
+            "memory:"
+        ):
             # Taken over: closing the previous runtime must not clear the counters.
             self.limiter, previous.limiter = previous.limiter, None
 

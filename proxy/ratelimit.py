@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy import redis_client
+
 _REDIS_STEP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -86,10 +88,10 @@ class RedisLimiter:
     """GCRA in Redis: one Lua script per request, server time in microseconds. `timeout`
     bounds each check (client retries included) so a stalled Redis costs at most that."""
 
-    def __init__(self, client: Any, timeout: float) -> None:
-        self._client = client
+    def __init__(self, url: str, timeout: float) -> None:
+        self._client = redis_client.connect(url, timeout)
         self._timeout = timeout
-        self._step = client.register_script(_REDIS_STEP)
+        self._step: Any = self._client.register_script(_REDIS_STEP)
 
     async def acquire(self, key: str, interval: float, burst: int) -> Decision:
         step = max(1, round(interval * 1_000_000))
@@ -98,4 +100,4 @@ class RedisLimiter:
         return decide(bool(allowed), int(ahead) / 1_000_000, step / 1_000_000, burst)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await redis_client.close(self._client)

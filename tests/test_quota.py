@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from proxy.app import Runtime
 from proxy.config import parse
@@ -90,27 +90,64 @@ async def test_memory_limiter_sweeps_idle_keys() -> None:
 
 
 @pytest.mark.redis
-async def test_redis_quota_is_exact_across_replicas(
-    redis_server: Any, upstream: RecordingUpstream
-) -> None:
+async def test_redis_quota_is_exact_across_replicas(redis_server: Any) -> None:
     server = redis_server()
-    config = parse(quota_config(upstream.url), env={})
-    clients = [aioredis.Redis.from_url(server.url) for _ in range(2)]
-    replicas = [RedisLimiter(client, 1.0) for client in clients]
+    replicas = [RedisLimiter(server.url, 1.0) for _ in range(2)]
     key = storage_key("default", "ip:10.0.0.1")
-    interval = 1 / config.routes[0].quota.rate  # type: ignore[union-attr]
     try:
         decisions = await asyncio.gather(
-            *(replicas[i % 2].acquire(key, interval, 5) for i in range(40))
+            *(replicas[i % 2].acquire(key, 3600.0, 5) for i in range(40))
         )
         assert sum(d.allowed for d in decisions) == 5
         denied = [d for d in decisions if not d.allowed]
         assert all(3590 <= d.retry_after <= 3600 for d in denied)
         ttl = int(server.cli("PTTL", key))
-        assert 0 < ttl <= 5 * 3600 * 1000 + 1000, "the key expires when its state is idle"
+        assert 0 < ttl <= 5 * 3600 * 1000 + 1000, "the key expires once its state is idle"
     finally:
         for limiter in replicas:
             await limiter.close()
+
+
+@pytest.mark.redis
+async def test_two_proxies_share_one_redis_quota(
+    make_proxy: Any, upstream: RecordingUpstream, redis_server: Any
+) -> None:
+    server = redis_server()
+    config = quota_config(upstream.url, key="header:X-Tenant", burst=4)
+    config["store"] = {"url": server.url}
+    proxies = [await make_proxy(config), await make_proxy(config)]
+    responses = await asyncio.gather(
+        *(proxies[i % 2].get("/x", headers={"X-Tenant": "acme"}) for i in range(20))
+    )
+    assert sorted(r.status for r in responses) == [200] * 4 + [429] * 16
+    assert upstream.count == 4
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("on_error", "expected"), [("fail_open", 200), ("fail_closed", 503)])
+async def test_quota_store_failure_follows_on_error(
+    make_proxy: Any, upstream: RecordingUpstream, redis_server: Any, on_error: str, expected: int
+) -> None:
+    server = redis_server()
+    config = quota_config(upstream.url, on_error=on_error)
+    config["store"] = {"url": server.url, "timeout": "200ms"}
+    client = await make_proxy(config)
+    assert (await client.get("/before")).status == 200
+    server.stall()  # SIGSTOP: the socket stays open and nothing answers
+    try:
+        started = time.monotonic()
+        response = await client.get("/stalled")
+        assert response.status == expected
+        assert time.monotonic() - started < 2.0, "bounded by store.timeout, not redis-py defaults"
+    finally:
+        server.resume()
+    server.kill()
+    response = await client.get("/down")
+    assert response.status == expected
+    if expected == 503:
+        problem = await response.json()
+        assert problem["type"].endswith(":quota-store-unavailable")
+        assert response.headers["Retry-After"] == "1"
 
 
 async def test_reload_keeps_memory_quota_counters(upstream: RecordingUpstream) -> None:
