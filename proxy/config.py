@@ -296,6 +296,10 @@ class Quota(Model):
         raise ValueError(f"quota key must be 'client_ip' or 'header:<Name>', got {key!r}")
 
 
+# Methods a retry can never make execute twice (RFC 9110 safe methods).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def _retry_on(value: object) -> object:
     if value in ("not_sent", "ambiguous") or (
         isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599
@@ -476,8 +480,22 @@ def _references(config: Config) -> Iterator[str]:
         if route.upstream not in config.upstreams:
             hint = _did_you_mean(route.upstream, config.upstreams)
             yield f"routes[{i}].upstream: unknown upstream {route.upstream!r}{hint}"
+        yield from _unreachable_retries(i, route)
     if config.shutdown.drain_delay >= config.shutdown.timeout:
         yield "shutdown.drain_delay: must be shorter than shutdown.timeout"
+
+
+def _unreachable_retries(i: int, route: Route) -> Iterator[str]:
+    """Retries beyond not_sent apply to safe methods only; say so when none can match."""
+    methods = route.match.methods
+    if route.retries is None or methods is None or SAFE_METHODS & set(methods):
+        return
+    extra = [str(on) for on in route.retries.on if on != "not_sent"]
+    if extra:
+        yield (
+            f"routes[{i}].retries.on: {', '.join(extra)} can only apply to GET, HEAD and OPTIONS, "
+            f"and this route matches only {', '.join(methods)}"
+        )
 
 
 def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-from proxy.config import Retries
+from proxy.config import SAFE_METHODS, Retries
 from proxy.context import Exchange, Payload, RequestContext
 from proxy.headers import Headers
 from proxy.transport import UpstreamError, UpstreamResponse
 from proxy.upstreams import CircuitOpen, Upstream
-
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:

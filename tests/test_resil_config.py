@@ -158,3 +158,13 @@ def test_rejections_name_the_path(
 ) -> None:
     found = problems(config(upstream, route))
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_retry_classes_no_method_of_the_route_can_use_are_rejected() -> None:
+    route = {"match": {"methods": ["POST"]}, "retries": {"on": ["not_sent", 503, "ambiguous"]}}
+    assert problems(config(route=route)) == [
+        "routes[0].retries.on: 503, ambiguous can only apply to GET, HEAD and OPTIONS, "
+        "and this route matches only POST"
+    ]
+    route["retries"] = {"on": ["not_sent"]}
+    assert parse(config(route=route), env={}).routes[0].retries is not None
