@@ -33,7 +33,7 @@ class Runtime:
     Pass the `previous` runtime so target health, circuit state and memory quotas carry over.
     """
 
-    def __init__(self, config: Config, previous: Runtime | None = None) -> None:
+    def __init__(self, config: Config, *, previous: Runtime | None = None) -> None:
         self.config = config
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
         self.limiter: Limiter | None = None

@@ -158,7 +158,7 @@ async def test_reload_keeps_memory_quota_counters(upstream: RecordingUpstream) -
     key = storage_key("default", "ip:10.0.0.1")
     for _ in range(2):
         assert (await limiter.acquire(key, 3600, 2)).allowed
-    new = Runtime(config, old)
+    new = Runtime(config, previous=old)
     await old.close()
     assert new.limiter is limiter
     assert not (await limiter.acquire(key, 3600, 2)).allowed, "spent quota survives a reload"

@@ -105,7 +105,8 @@ async def test_reload_changes_weights_and_old_requests_finish(
     in_flight = asyncio.create_task(client.get("/slow"))
     await upstream.arrived.wait()
 
-    plane.runtime = Runtime(parse(weighted([(upstream.url, 0), (green.url, 1)]), env={}), old)
+    flipped = parse(weighted([(upstream.url, 0), (green.url, 1)]), env={})
+    plane.runtime = Runtime(flipped, previous=old)
     for i in range(5):
         assert (await client.get(f"/new{i}")).status == 200
     assert (upstream.count, green.count) == (1, 5)
@@ -127,7 +128,7 @@ async def test_reload_keeps_health_and_circuit_of_unchanged_targets(
     assert blue.breaker is not None
     blue.breaker.release(blue.breaker.acquire(), True)
     config["upstreams"]["app"]["targets"][1]["weight"] = 3
-    new = Runtime(parse(config, env={}), old)
+    new = Runtime(parse(config, env={}), previous=old)
     assert new.upstreams["app"].targets[0].healthy is False
     assert new.upstreams["app"].circuit_states()[0] == (upstream.url, "open")
     assert new.upstreams["app"].targets[1].weight == 3
