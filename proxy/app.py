@@ -14,9 +14,12 @@ from proxy import admission, forward, quota, retry, tracing
 from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
+from proxy.idempotency import stage as idempotency
+from proxy.idempotency.keys import KeyHasher
 from proxy.problem import problem
 from proxy.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from proxy.routing import RouteTable
+from proxy.stores import Store, open_store
 from proxy.upstreams import Upstream
 
 
@@ -30,11 +33,18 @@ class Runtime:
     """Everything built from one config: upstream pools, the route table and the entry handler.
 
     A reload builds a new Runtime and swaps it in; requests keep the one they started with.
-    Pass the `previous` runtime so target health, circuit state and memory quotas carry over.
+    The idempotency store outlives reloads: the server passes its one store to each Runtime
+    (a Runtime built without one opens and owns its own). Pass the `previous` runtime so
+    target health, circuit state and in-memory quota counters carry over.
     """
 
-    def __init__(self, config: Config, *, previous: Runtime | None = None) -> None:
+    def __init__(
+        self, config: Config, store: Store | None = None, *, previous: Runtime | None = None
+    ) -> None:
         self.config = config
+        self._owns_store = store is None
+        self.store = open_store(config.store) if store is None else store
+        self.hasher = KeyHasher(config.logging.hash_salt)
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
         self.limiter: Limiter | None = None
         if previous is not None:
@@ -54,6 +64,18 @@ class Runtime:
             config.trusted_proxies,
             retry.exchange(upstream, route.retries),
         )
+        if route.idempotency.enabled:
+            handler = idempotency.stage(
+                handler,
+                route=route,
+                store=self.store,
+                store_config=config.store,
+                limits=config.limits,
+                hasher=self.hasher,
+                lease=idempotency.lease_for(
+                    config.upstreams[route.upstream].timeout, config.store.timeout
+                ),
+            )
         # Shedding sits outside idempotency: an overloaded request never claims a key.
         handler = admission.stage(handler, upstream)
         if route.quota is not None:
@@ -127,6 +149,8 @@ class Runtime:
             await upstream.close()
         if self.limiter is not None:
             await self.limiter.close()
+        if self._owns_store:
+            await self.store.close()
 
 
 class DataPlane:

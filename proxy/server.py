@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -13,6 +15,7 @@ from proxy import tracing
 from proxy.app import DataPlane, Runtime, admin_app
 from proxy.config import Config
 from proxy.problem import problem
+from proxy.stores import Store, StoreError, open_store
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
@@ -69,9 +72,34 @@ def data_server(plane: DataPlane, config: Config) -> web.Server:
     )
 
 
+async def check_store(store: Store) -> None:
+    """Warn when Redis may evict records: an evicted record is a forgotten key, so a retry
+    would run again. Print-based until the event logger lands."""
+    try:
+        policy = await store.eviction_policy()
+    except StoreError as exc:
+        _event("store_unreachable", "warning", detail=str(exc))
+        return
+    if policy is not None and policy != "noeviction":
+        _event(
+            "store_eviction_policy",
+            "warning",
+            maxmemory_policy=policy,
+            detail="Redis may evict idempotency records under memory pressure; "
+            "set maxmemory-policy noeviction",
+        )
+
+
+def _event(event: str, level: str, **fields: str) -> None:
+    sys.stdout.write(orjson.dumps({"event": event, "level": level, **fields}).decode() + "\n")
+    sys.stdout.flush()
+
+
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then close listeners and finish in-flight requests."""
-    runtime = Runtime(config)
+    store = open_store(config.store)
+    await check_store(store)
+    runtime = Runtime(config, store)
     plane = DataPlane(runtime)
     data_runner = web.ServerRunner(data_server(plane, config), handle_signals=False)
     admin_runner = web.AppRunner(admin_app(), handle_signals=False, access_log=None)
@@ -94,3 +122,4 @@ async def serve(config: Config) -> None:
         await data_runner.cleanup()
         await admin_runner.cleanup()
         await plane.runtime.close()
+        await store.close()

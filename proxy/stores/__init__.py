@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from proxy.config import Store as StoreConfig
-from proxy.stores.base import Store, StoreError
+from proxy.stores.base import Store, StoreError, StoreTimeout
 from proxy.stores.memory import MemoryStore
 from proxy.stores.redis import RedisStore
 
-__all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "open_store"]
+__all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "StoreTimeout", "open_store"]
 
 
 def open_store(config: StoreConfig) -> Store:

@@ -23,6 +23,10 @@ class StoreError(Exception):
     """The store did not answer within its budget, refused, or is full."""
 
 
+class StoreTimeout(StoreError):
+    """No answer within the budget: the write may or may not have been applied."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     status: int

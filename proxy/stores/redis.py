@@ -26,12 +26,8 @@ from proxy.stores.base import (
     Record,
     StoredResponse,
     StoreError,
+    StoreTimeout,
 )
-
-
-class StoreTimeout(StoreError):
-    """No answer within the budget: a write may or may not have been applied."""
-
 
 KEY_PREFIX = f"idem:v{SCHEMA_VERSION}:"
 
@@ -129,9 +125,11 @@ class RedisStore:
     def from_url(cls, url: str, budget: float) -> RedisStore:
         return cls(redis_client.connect(url, budget), budget)
 
-    async def _run(self, coro: Any) -> Any:
+    async def _run(self, coro: Any, deadline: float | None = None) -> Any:
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.budget
         try:
-            async with asyncio.timeout(self.budget):
+            async with asyncio.timeout_at(deadline):
                 return await coro
         except (TimeoutError, RedisTimeoutError) as exc:
             raise StoreTimeout(f"redis did not answer within {self.budget:g}s") from exc
@@ -140,17 +138,22 @@ class RedisStore:
 
     async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> Record | None:
         rkey = redis_key(key)
+        deadline = asyncio.get_running_loop().time() + self.budget
+        args: list[str | int] = [token, fingerprint, _ms(lease), SCHEMA_VERSION]
         try:
-            reply = await self._run(
-                self._claim(keys=[rkey], args=[token, fingerprint, _ms(lease), SCHEMA_VERSION])
-            )
+            reply = await self._run(self._claim(keys=[rkey], args=args), deadline)
         except StoreTimeout:
-            raise  # the budget is spent; the caller releases the token in the background
-        except StoreError:
-            # The claim may have been applied before the connection failed: read it back.
-            record = await self.get(key)
-            if record is None:
+            raise  # the budget is spent; the caller takes the token back in the background
+        except StoreError as exc:
+            # The claim may have been applied before the connection failed: read it back
+            # within what is left of the same budget.
+            try:
+                reply = await self._run(self._get(keys=[rkey]), deadline)
+            except StoreError:
+                raise StoreTimeout(f"claim outcome unknown: {exc}") from exc
+            if reply == 0:
                 raise
+            record = parse_record(reply)
             return None if record.token == token else record
         return None if reply == 0 else parse_record(reply)
 

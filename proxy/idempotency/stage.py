@@ -1,0 +1,240 @@
+"""Stage: claim the Idempotency-Key record, forward once, then complete or release it; answer
+retries from the record (replay, 409 in progress or indeterminate, 422 mismatch).
+
+Per keyed request: one store round trip to claim (which also returns an existing record for
+replay) and one to finalise. Finalisation runs in a shielded task, so it happens even when the
+client goes away; if the store fails then, it is retried in the background until the lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import body
+from proxy.config import Limits, Route
+from proxy.config import Store as StoreConfig
+from proxy.context import Handler, RequestContext
+from proxy.idempotency.fingerprint import fingerprint
+from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
+from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
+from proxy.problem import problem
+from proxy.stores.base import IN_FLIGHT, INDETERMINATE, Record, Store, StoreError, StoreTimeout
+
+HEADER = "Idempotency-Key"
+# Lease = upstream timeout + this + two store budgets (claim and finalise).
+LEASE_MARGIN = 1.0
+FIRST_POLL, MAX_POLL = 0.02, 0.25
+MAX_BACKGROUND = 256
+
+# Finalisations and releases still running after their request returned.
+_background: set[asyncio.Task[None]] = set()
+
+
+def lease_for(upstream_timeout: float, store_timeout: float) -> float:
+    return upstream_timeout + LEASE_MARGIN + 2 * store_timeout
+
+
+def _retry_after(seconds: float) -> list[tuple[str, str]]:
+    return [("Retry-After", str(max(1, math.ceil(seconds))))]
+
+
+def _track(work: Coroutine[None, None, None]) -> asyncio.Task[None]:
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def _spawn(work: Coroutine[None, None, None]) -> None:
+    if len(_background) >= MAX_BACKGROUND:
+        work.close()  # the record still ends with its lease; only the early cleanup is lost
+        return
+    _track(work)
+
+
+async def _until_lease_end(op: Callable[[], Awaitable[object]], lease_end: float) -> None:
+    """Repeat an owner-checked (so repeatable) store operation until the store answers."""
+    loop = asyncio.get_running_loop()
+    delay = 0.1
+    while loop.time() + delay < lease_end:
+        await asyncio.sleep(delay)
+        try:
+            await op()
+        except StoreError:
+            delay = min(delay * 2, 2.0)
+        else:
+            return
+
+
+def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload: bytes
+            ) -> web.Response:
+    headers["Idempotent-Replayed"] = "true"
+    headers["X-Trace-Id"] = ctx.trace_id
+    ctx.status = status
+    ctx.response_body_size = len(payload)
+    return web.Response(status=status, body=payload, headers=headers)
+
+
+def stage(
+    next_handler: Handler,
+    *,
+    route: Route,
+    store: Store,
+    store_config: StoreConfig,
+    limits: Limits,
+    hasher: KeyHasher,
+    lease: float,
+) -> Handler:
+    policy = route.idempotency
+    methods = frozenset(policy.methods)
+    extra = frozenset(name.lower() for name in policy.replay_headers)
+    scope_header = policy.scope.header if policy.scope is not None else None
+    route_name = route.name
+    fail_open = store_config.on_error == "fail_open"
+
+    def refuse(ctx: RequestContext, status: int, slug: str, title: str, detail: str,
+               error_type: str, headers: list[tuple[str, str]] | None = None) -> web.Response:
+        ctx.error_type = error_type
+        return problem(status, slug, title, detail, ctx.trace_id, headers or ())
+
+    def answer(ctx: RequestContext, record: Record, fp: str) -> web.Response:
+        """The answer to a request whose key already has another request's record."""
+        if record.fingerprint != fp:
+            ctx.idempotency_outcome = "mismatch"
+            return refuse(ctx, 422, "payload-mismatch", "Idempotency-Key reused",
+                          "this Idempotency-Key was used for a different request (method, path, "
+                          "query or body); use a new key for a new operation",
+                          "idempotency_mismatch")
+        if record.state == IN_FLIGHT:
+            ctx.idempotency_outcome = "conflict"
+            return refuse(ctx, 409, "in-progress", "Request in progress",
+                          "a request with this Idempotency-Key is still being processed; retry "
+                          "with the same key after Retry-After", "idempotency_in_progress",
+                          _retry_after(record.remaining))
+        if record.state == INDETERMINATE:
+            ctx.idempotency_outcome = "indeterminate"
+            return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
+                          "the original request reached the upstream but its outcome is unknown "
+                          "(timeout or broken connection); it is not run again before "
+                          "Retry-After", "idempotency_indeterminate",
+                          _retry_after(record.remaining))
+        stored = record.response
+        assert stored is not None
+        if not stored.replayable:
+            ctx.idempotency_outcome = "conflict"
+            return refuse(ctx, 422, "response-not-replayable", "Response not replayable",
+                          f"the request already ran (status {stored.status}) but its response "
+                          f"was larger than {policy.max_body} bytes and was not stored",
+                          "idempotency_not_replayable")
+        ctx.idempotency_outcome = "replay"
+        return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)
+
+    async def finalise(ctx: RequestContext, recorder: ResponseRecorder, key: str, token: str,
+                       lease_end: float) -> None:
+        decision = decide(ctx.upstream_outcome, recorder.status, policy.store_5xx)
+        op: Callable[[], Awaitable[bool]]
+        if decision == COMPLETE:
+            stored = recorder.stored()
+            op = lambda: store.complete(key, token, stored, policy.ttl)  # noqa: E731
+        elif decision == RELEASE:
+            op = lambda: store.release(key, token)  # noqa: E731
+        else:
+            op = lambda: store.mark_indeterminate(key, token)  # noqa: E731
+        try:
+            await op()
+        except StoreError:
+            ctx.error_type = ctx.error_type or "store_unavailable"
+            _spawn(_until_lease_end(op, lease_end))
+
+    async def execute(ctx: RequestContext, key: str, token: str) -> web.StreamResponse:
+        lease_end = asyncio.get_running_loop().time() + lease
+        recorder = ResponseRecorder(policy.max_body, extra)
+        ctx.tap = recorder
+        try:
+            return await next_handler(ctx)
+        finally:
+            # Shielded: a cancelled handler must still leave a finished record behind.
+            await asyncio.shield(_track(finalise(ctx, recorder, key, token, lease_end)))
+
+    async def store_failed(ctx: RequestContext, exc: StoreError, key: str, token: str
+                           ) -> web.StreamResponse:
+        ctx.idempotency_outcome = "store_error"
+        if isinstance(exc, StoreTimeout):  # our claim may still land: take it back
+            lease_end = asyncio.get_running_loop().time() + lease
+            _spawn(_until_lease_end(lambda: store.release(key, token), lease_end))
+        if fail_open:
+            ctx.error_type = "store_unavailable"
+            return await next_handler(ctx)
+        return refuse(ctx, 503, "store-unavailable", "Idempotency store unavailable",
+                      f"the idempotency store did not answer ({exc}); the request was not "
+                      "forwarded, retry with the same key", "store_unavailable",
+                      _retry_after(1))
+
+    async def handle(ctx: RequestContext) -> web.StreamResponse:
+        request = ctx.request
+        if request.method not in methods:
+            return await next_handler(ctx)
+        values = request.headers.getall(HEADER, ())
+        if not values:
+            if policy.required:
+                return refuse(ctx, 400, "key-missing", "Idempotency-Key required",
+                              f"{request.method} requests on this route need an Idempotency-Key "
+                              "header; generate one per operation and reuse it for retries",
+                              "idempotency_key_missing")
+            ctx.idempotency_outcome = "bypass"
+            return await next_handler(ctx)
+        key = parse_key(values[0]) if len(values) == 1 else None
+        if key is None:
+            return refuse(ctx, 400, "key-invalid", "Malformed Idempotency-Key",
+                          "send exactly one Idempotency-Key of 1-255 visible ASCII characters, "
+                          "bare or as a quoted string", "idempotency_key_invalid")
+        payload = b""
+        if request.body_exists:
+            try:
+                payload = await body.read(ctx, limits.max_request_body, limits.body_timeout)
+            except body.BodyError as exc:
+                response = problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id)
+                response.force_close()
+                return response
+        ctx.body = payload
+        identity = ""
+        if scope_header is not None:
+            scope_value = request.headers.get(scope_header)
+            if scope_value is not None:
+                identity = hasher.identity(scope_value)
+                ctx.user_hash = hasher.log_hash(identity)
+        record_key = storage_key(route_name, identity, key)
+        ctx.idempotency_key_hash = hasher.log_hash(record_key)
+        fp = fingerprint(
+            request.method,
+            request.rel_url.raw_path,
+            request.rel_url.raw_query_string,
+            request.headers.get("Content-Type"),
+            payload,
+        )
+        token = secrets.token_hex(16)
+        loop = asyncio.get_running_loop()
+        wait_until = loop.time() + policy.wait_timeout if policy.on_concurrent == "wait" else 0.0
+        poll = FIRST_POLL
+        while True:
+            try:
+                record = await store.claim(record_key, token, fp, lease)
+            except StoreError as exc:
+                return await store_failed(ctx, exc, record_key, token)
+            if record is None:
+                ctx.idempotency_outcome = "miss"
+                return await execute(ctx, record_key, token)
+            remaining = wait_until - loop.time()
+            if record.state != IN_FLIGHT or record.fingerprint != fp or remaining <= 0:
+                return answer(ctx, record, fp)
+            # on_concurrent: wait. Claiming again both polls and takes over a released key.
+            await asyncio.sleep(min(poll, remaining))
+            poll = min(poll * 2, MAX_POLL)
+
+    return handle

@@ -1,0 +1,215 @@
+"""Redis faults and proxy crashes against a real `idemproxy run` process and redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.support.idempotency import assert_problem, idem_config
+from tests.support.proxy_process import ProxyProcess
+from tests.support.redis_server import RedisServer
+from tests.support.upstream import RecordingUpstream
+
+StartProxy = Callable[..., ProxyProcess]
+StartRedis = Callable[..., RedisServer]
+BUDGET = 0.25
+# A generous bound for "answered within the store budget" on a shared 2-core machine.
+WITHIN_BUDGET = 2.0
+
+
+def start(proxy_process: StartProxy, upstream: RecordingUpstream, redis: RedisServer,
+          **store: Any) -> ProxyProcess:
+    config = idem_config(upstream.url, redis.url, store={"timeout": f"{BUDGET}s", **store},
+                         upstream={"timeout": "1s"})
+    return proxy_process(config)
+
+
+async def post(session: aiohttp.ClientSession, url: str, key: str | None,
+               payload: Any = None) -> tuple[aiohttp.ClientResponse, float]:
+    headers = {"Idempotency-Key": key} if key else {}
+    started = time.perf_counter()
+    async with session.post(url + "/v1/pay", json=payload or {}, headers=headers) as response:
+        await response.read()
+    return response, time.perf_counter() - started
+
+
+async def test_fail_closed_killed_redis_is_503_within_budget_and_recovers(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    redis = redis_server()
+    proxy = start(proxy_process, upstream, redis)
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, proxy.url, "before"))[0].status == 200
+        await asyncio.to_thread(redis.kill)
+        response, elapsed = await post(session, proxy.url, "during")
+        await assert_problem(response, 503, "store-unavailable")
+        assert response.headers["Retry-After"] == "1"
+        assert elapsed < WITHIN_BUDGET
+        # Requests without a key do not depend on the store.
+        assert (await post(session, proxy.url, None))[0].status == 200
+        await asyncio.to_thread(redis.start)
+        response, _ = await post(session, proxy.url, "during")
+        assert response.status == 200  # recovered without a proxy restart
+    keys = Counter(r.header("Idempotency-Key") for r in upstream.received)
+    assert keys == {"before": 1, None: 1, "during": 1}
+
+
+async def test_fail_closed_stalled_redis_is_503_within_budget_then_the_key_runs_once(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    redis = redis_server()
+    proxy = start(proxy_process, upstream, redis)
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, proxy.url, "warm"))[0].status == 200
+        redis.stall()
+        try:
+            results = await asyncio.gather(
+                *(post(session, proxy.url, f"stalled-{i}") for i in range(10))
+            )
+        finally:
+            redis.resume()
+        for response, elapsed in results:
+            assert response.status == 503
+            assert elapsed < WITHIN_BUDGET
+        # The stalled claims reach Redis after the resume; the proxy takes them back, so a
+        # retry with the same key gets 409 for a moment and then runs, exactly once.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        for i in range(10):
+            while (response := (await post(session, proxy.url, f"stalled-{i}"))[0]).status != 200:
+                assert response.status in (409, 503), response.status
+                assert loop.time() < deadline, "the key never became usable again"
+                await asyncio.sleep(0.1)  # client retry pacing
+    keys = Counter(r.header("Idempotency-Key") for r in upstream.received)
+    assert all(keys[f"stalled-{i}"] == 1 for i in range(10)), keys
+
+
+async def test_fail_open_keeps_serving_without_redis(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    redis = redis_server()
+    proxy = start(proxy_process, upstream, redis, on_error="fail_open")
+    await asyncio.to_thread(redis.kill)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            response, elapsed = await post(session, proxy.url, "k")
+            assert response.status == 200
+            assert elapsed < WITHIN_BUDGET
+    assert upstream.count == 2  # unprotected, as configured
+
+
+async def test_kill_stall_and_restart_under_load_never_run_a_key_twice(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    async def slowish(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.01)
+        return web.json_response({"ok": True})
+
+    upstream.respond = slowish
+    redis = redis_server()
+    proxy = start(proxy_process, upstream, redis)
+    refusals: list[float] = []
+
+    async def operation(session: aiohttp.ClientSession, key: str) -> int:
+        """One client operation: retry with the same key until it is answered."""
+        while True:
+            response, elapsed = await post(session, proxy.url, key, {"op": key})
+            if response.status not in (409, 503):
+                return response.status
+            if response.status == 503:
+                refusals.append(elapsed)
+            await asyncio.sleep(0.05)  # client retry pacing
+
+    async def wait_for(condition: Callable[[], bool], what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not condition():
+            assert loop.time() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async with aiohttp.ClientSession() as session:
+        stop = asyncio.Event()
+        answered: list[tuple[str, int]] = []
+
+        async def worker() -> None:
+            while not stop.is_set():
+                key = str(uuid.uuid4())
+                answered.append((key, await operation(session, key)))
+
+        workers = [asyncio.create_task(worker()) for _ in range(8)]
+        await wait_for(lambda: len(answered) >= 10, "traffic before the kill")
+        await asyncio.to_thread(redis.kill)
+        await wait_for(lambda: len(refusals) >= 5, "refusals while Redis is down")
+        await asyncio.to_thread(redis.start)
+        progress = len(answered)
+        await wait_for(lambda: len(answered) >= progress + 10, "traffic after the restart")
+        refused = len(refusals)
+        redis.stall()
+        try:
+            await wait_for(lambda: len(refusals) >= refused + 5, "refusals while Redis stalls")
+        finally:
+            redis.resume()
+        progress = len(answered)
+        await wait_for(lambda: len(answered) >= progress + 10, "traffic after the stall")
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 30)
+    assert {status for _, status in answered} == {200}
+    executions = Counter(r.header("Idempotency-Key") for r in upstream.received)
+    assert set(executions) == {key for key, _ in answered}
+    assert max(executions.values()) == 1, executions
+    assert max(refusals) < WITHIN_BUDGET
+
+
+async def test_crashed_owner_lease_expires_and_a_retry_takes_over(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    gate = asyncio.Event()
+
+    async def first_hangs(request: web.Request) -> web.StreamResponse:
+        if upstream.count == 1:
+            await gate.wait()
+        return web.json_response({"n": upstream.count})
+
+    upstream.respond = first_hangs
+    redis = redis_server()
+    crashed = start(proxy_process, upstream, redis)
+    survivor = start(proxy_process, upstream, redis)
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(post(session, crashed.url, "k"))
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        crashed.kill()
+        with contextlib.suppress(aiohttp.ClientError):
+            await first
+        response, _ = await post(session, survivor.url, "k")
+        await assert_problem(response, 409, "in-progress")
+        assert 1 <= int(response.headers["Retry-After"]) <= 3
+        # Lease = 1 s upstream timeout + 1 s margin + 2 budgets; then the retry runs.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 8
+        while (response := (await post(session, survivor.url, "k"))[0]).status == 409:
+            assert loop.time() < deadline, "the crashed owner's lease never ended"
+            await asyncio.sleep(0.1)  # client retry pacing
+        assert response.status == 200
+        replay, _ = await post(session, survivor.url, "k")
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        gate.set()
+    assert upstream.count == 2
+
+
+async def test_startup_warns_when_redis_may_evict(
+    proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
+) -> None:
+    redis = redis_server("--maxmemory-policy", "allkeys-lru")
+    proxy = start(proxy_process, upstream, redis)
+    events = [line for line in proxy.json_lines() if line.get("event") == "store_eviction_policy"]
+    assert events
+    assert events[0]["level"] == "warning"
+    assert events[0]["maxmemory_policy"] == "allkeys-lru"
