@@ -7,11 +7,9 @@ import asyncio
 import time
 from typing import Any
 
-import pytest
-
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from proxy.config import CircuitBreaker as BreakerConfig
-from tests.support.faults import hang_until, refusing_url, status
+from tests.support.faults import hang_until, poll_status, refusing_url, status
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream, echo
 
@@ -104,17 +102,6 @@ def breaker_config(urls: list[str], **breaker: Any) -> dict[str, Any]:
     return config
 
 
-async def wait_for_status(client: Any, wanted: int, within: float = 5.0) -> Any:
-    """Poll the proxy until it answers `wanted` (the breaker moves on time, not on events)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        response = await client.get("/poll")
-        if response.status == wanted:
-            return response
-        await asyncio.sleep(0.05)
-    pytest.fail(f"proxy did not answer {wanted} within {within}s")
-
-
 async def test_5xx_opens_the_circuit_fast_and_recovery_closes_it(
     make_proxy: Any, upstream: RecordingUpstream
 ) -> None:
@@ -138,7 +125,7 @@ async def test_5xx_opens_the_circuit_fast_and_recovery_closes_it(
     assert runtime.upstreams["app"].circuit_states() == [(upstream.url, OPEN)]
 
     upstream.respond = echo
-    await wait_for_status(client, 200)
+    await poll_status(client, 200)
     assert runtime.upstreams["app"].circuit_states() == [(upstream.url, CLOSED)]
 
 
@@ -153,7 +140,7 @@ async def test_refused_connections_open_and_a_failed_probe_reopens(make_proxy: A
     breaker = upstream.targets[0].breaker
     opened = breaker.generation
     # After open_for a probe goes out, is refused, and the circuit opens again.
-    response = await wait_for_status(client, 502)
+    await poll_status(client, 502)
     assert breaker.state == OPEN
     assert breaker.generation == opened + 2  # open -> half_open -> open
 

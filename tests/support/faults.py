@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 from aiohttp import web
 
@@ -42,3 +44,17 @@ def first_then(first: Respond, rest: Respond, count: int = 1) -> Respond:
         return await (first if seen <= count else rest)(request)
 
     return respond
+
+
+async def poll_status(client: Any, wanted: int, method: str = "GET", path: str = "/poll",
+                      within: float = 5.0, **kwargs: Any) -> Any:
+    """Repeat a request until it answers `wanted` (for state that changes on time, such as a
+    circuit's open_for); fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        response = await client.request(method, path, **kwargs)
+        if response.status == wanted:
+            return response
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{method} {path} did not answer {wanted} within {within}s")
+        await asyncio.sleep(0.05)
