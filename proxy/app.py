@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy import forward, tracing
+from proxy import admission, forward, quota, retry, tracing
 from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
 from proxy.problem import problem
+from proxy.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from proxy.routing import RouteTable
 from proxy.stores import Store, open_store
 from proxy.upstreams import Upstream
@@ -35,16 +36,22 @@ class Runtime:
 
     A reload builds a new Runtime and swaps it in; requests keep the one they started with.
     The idempotency store outlives reloads: the server passes its one store to each Runtime
-    (a Runtime built without one opens and owns its own).
+    (a Runtime built without one opens and owns its own). Pass the `previous` runtime so
+    target health, circuit state and in-memory quota counters carry over.
     """
 
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(
+        self, config: Config, store: Store | None = None, *, previous: Runtime | None = None
+    ) -> None:
         self.config = config
         self.inflight = InFlight()
         self._owns_store = store is None
         self.store = open_store(config.store) if store is None else store
         self.hasher = KeyHasher(config.logging.hash_salt)
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        self.limiter: Limiter | None = None
+        if previous is not None:
+            self._inherit(previous)
         self.routes: RouteTable[CompiledRoute] = RouteTable(
             (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
             for r in config.routes
@@ -53,8 +60,12 @@ class Runtime:
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
+        upstream = self.upstreams[route.upstream]
         handler = forward.handler(
-            self.upstreams[route.upstream], config.limits, config.trusted_proxies
+            upstream,
+            config.limits,
+            config.trusted_proxies,
+            retry.exchange(upstream, route.retries),
         )
         if route.idempotency.enabled:
             handler = idempotency.stage(
@@ -68,7 +79,32 @@ class Runtime:
                     config.upstreams[route.upstream].timeout, config.store.timeout
                 ),
             )
+        # Shedding sits outside idempotency: an overloaded request never claims a key.
+        handler = admission.stage(handler, upstream)
+        if route.quota is not None:
+            handler = quota.stage(handler, route, self._quota_limiter())
         return handler
+
+    def _quota_limiter(self) -> Limiter:
+        store = self.config.store
+        if self.limiter is None:
+            self.limiter = (
+                MemoryLimiter(store.max_records)
+                if store.url.startswith("memory:")
+                else RedisLimiter(store.url, store.timeout)
+            )
+        return self.limiter
+
+    def _inherit(self, previous: Runtime) -> None:
+        for name, upstream in self.upstreams.items():
+            old = previous.upstreams.get(name)
+            if old is not None:
+                upstream.inherit(old)
+        if isinstance(previous.limiter, MemoryLimiter) and self.config.store.url.startswith(
+            "memory:"
+        ):
+            # Taken over: closing the previous runtime must not clear the counters.
+            self.limiter, previous.limiter = previous.limiter, None
 
     async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -114,6 +150,8 @@ class Runtime:
     async def close(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         if self._owns_store:
             await self.store.close()
 

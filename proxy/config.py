@@ -191,9 +191,41 @@ class HealthCheck(Model):
     required: bool = True
 
 
+def parse_ratio(value: object) -> object:
+    """`20%` or `0.2` -> 0.2."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            pass
+        raise ValueError(f"expected a ratio like 20% or 0.2, got {value!r}")
+    return value
+
+
+Ratio = Annotated[float, BeforeValidator(parse_ratio), Field(gt=0, le=1)]
+ErrorStatus = Annotated[int, Field(ge=400, le=599)]
+
+
 class CircuitBreaker(Model):
-    consecutive_failures: int = Field(default=5, ge=1)
+    """Per target: open after `consecutive_failures` in a row, or when `failure_ratio` of at
+    least `min_requests` outcomes within `window` failed; after `open_for`, let
+    `half_open_requests` probes through; their success closes the circuit."""
+
+    consecutive_failures: int | None = Field(default=5, ge=1)
+    failure_ratio: Ratio | None = None
+    window: Duration = 10.0
+    min_requests: int = Field(default=20, ge=1)
+    failure_statuses: list[ErrorStatus] = Field(default_factory=lambda: [502, 503, 504])
     open_for: Duration = 10.0
+    half_open_requests: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> CircuitBreaker:
+        if self.consecutive_failures is None and self.failure_ratio is None:
+            raise ValueError("set consecutive_failures or failure_ratio (or both)")
+        if self.open_for <= 0 or self.window <= 0:
+            raise ValueError("open_for and window must be above 0")
+        return self
 
 
 class Target(Model):
@@ -209,6 +241,8 @@ class Upstream(Model):
     max_connections: int = Field(default=256, ge=1)
     health: HealthCheck | None = None
     circuit_breaker: CircuitBreaker | None = None
+    # Requests in progress beyond this are answered 503 `overloaded` at once (no queue).
+    max_inflight: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_destination(self) -> Upstream:
@@ -256,6 +290,9 @@ class Quota(Model):
     key: str = "client_ip"
     rate: Rate
     burst: int = Field(default=1, ge=1)
+    # A quota store failure admits the request by default: quotas protect capacity, they are
+    # not a correctness guarantee like idempotency (whose default is store.on_error).
+    on_error: Literal["fail_closed", "fail_open"] = "fail_open"
 
     @field_validator("key")
     @classmethod
@@ -265,12 +302,48 @@ class Quota(Model):
         raise ValueError(f"quota key must be 'client_ip' or 'header:<Name>', got {key!r}")
 
 
+# Methods a retry can never make execute twice (RFC 9110 safe methods).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _retry_on(value: object) -> object:
+    if value in ("not_sent", "ambiguous") or (
+        isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599
+    ):
+        return value
+    raise ValueError(f"expected not_sent, ambiguous or a status 400-599, got {value!r}")
+
+
+RetryOn = Annotated[str | int, BeforeValidator(_retry_on)]
+_NOT_SENT: list[str | int] = ["not_sent"]
+
+
+class Retries(Model):
+    """Off unless present. `attempts` counts the first try. Safe methods (GET, HEAD, OPTIONS)
+    retry on everything in `on`; other methods only with an idempotency claim and only when
+    the request was not sent."""
+
+    attempts: int = Field(default=2, ge=1, le=10)
+    backoff: Duration = 0.025
+    max_backoff: Duration = 0.25
+    budget: Ratio = 0.2
+    min_concurrent: int = Field(default=3, ge=0)
+    on: list[RetryOn] = Field(default_factory=lambda: _NOT_SENT.copy())
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Retries:
+        if self.max_backoff < self.backoff:
+            raise ValueError("max_backoff must not be below backoff")
+        return self
+
+
 class Route(Model):
     name: str = Field(min_length=1)
     match: Match = Match()
     upstream: str
     idempotency: Idempotency = Idempotency()
     quota: Quota | None = None
+    retries: Retries | None = None
 
 
 class Limits(Model):
@@ -433,8 +506,22 @@ def _references(config: Config) -> Iterator[str]:
         if route.upstream not in config.upstreams:
             hint = _did_you_mean(route.upstream, config.upstreams)
             yield f"routes[{i}].upstream: unknown upstream {route.upstream!r}{hint}"
+        yield from _unreachable_retries(i, route)
     if config.shutdown.drain_delay >= config.shutdown.timeout:
         yield "shutdown.drain_delay: must be shorter than shutdown.timeout"
+
+
+def _unreachable_retries(i: int, route: Route) -> Iterator[str]:
+    """Retries beyond not_sent apply to safe methods only; say so when none can match."""
+    methods = route.match.methods
+    if route.retries is None or methods is None or SAFE_METHODS & set(methods):
+        return
+    extra = [str(on) for on in route.retries.on if on != "not_sent"]
+    if extra:
+        yield (
+            f"routes[{i}].retries.on: {', '.join(extra)} can only apply to GET, HEAD and OPTIONS, "
+            f"and this route matches only {', '.join(methods)}"
+        )
 
 
 def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from proxy.headers import Headers
+
 if TYPE_CHECKING:
     from proxy.config import Route
+    from proxy.transport import UpstreamResponse
 
 
 class BodyTap(Protocol):
@@ -37,11 +40,15 @@ class RequestContext:
     body: bytes | None = None
     # Extra headers the stages add to the upstream request (trace context, ...).
     upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Extra headers the stages add to the client response (quota state, ...).
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
     tap: BodyTap | None = None
     upstream_name: str | None = None
     upstream_duration: float | None = None
     # "not_sent" | "answered" | "ambiguous": what the proxy knows about the upstream exchange.
     upstream_outcome: str | None = None
+    # How many times the request was sent again after a failed attempt (retry policy).
+    resend_count: int = 0
     request_body_size: int = 0
     response_body_size: int = 0
     status: int = 0
@@ -57,3 +64,8 @@ class RequestContext:
 
 
 Handler = Callable[[RequestContext], Awaitable[web.StreamResponse]]
+
+Payload = bytes | AsyncIterable[bytes] | None
+Exchange = Callable[[RequestContext, str, str, Headers, Payload], Awaitable["UpstreamResponse"]]
+"""Sends one request upstream (method, target, headers, body) and returns the response head;
+the retry policy wraps `Upstream.send` in one of these."""

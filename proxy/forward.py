@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import AsyncIterable
 
 from aiohttp import web
 
 from proxy import body
 from proxy.config import Limits
-from proxy.context import Handler, RequestContext
+from proxy.context import Exchange, Handler, Payload, RequestContext
 from proxy.headers import (
     TRACE_CONTEXT,
     Networks,
@@ -24,7 +24,9 @@ from proxy.upstreams import Upstream
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
 
 
-def handler(upstream: Upstream, limits: Limits, trusted: Networks) -> Handler:
+def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchange) -> Handler:
+    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.retry)."""
+
     async def forward(ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
         ctx.upstream_name = upstream.name
@@ -36,7 +38,7 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks) -> Handler:
             drop=_NOT_FORWARDED,
         )
         headers.extend(ctx.upstream_headers)
-        payload: bytes | AsyncIterable[bytes] | None = None
+        payload: Payload = None
         if ctx.body is not None:
             payload = ctx.body
         elif request.body_exists:
@@ -45,8 +47,8 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks) -> Handler:
                 headers.append(("Content-Length", str(request.content_length)))
         started = time.perf_counter()
         try:
-            response = await upstream.pick().send(
-                request.method, request.rel_url.raw_path_qs, headers, payload
+            response = await send(
+                ctx, request.method, request.rel_url.raw_path_qs, headers, payload
             )
         except UpstreamError as exc:
             ctx.upstream_duration = time.perf_counter() - started
@@ -65,7 +67,9 @@ def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
         return body_problem(ctx, ctx.request_error)
     ctx.upstream_outcome = "ambiguous" if exc.sent else "not_sent"
     ctx.error_type = exc.slug
-    return problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id)
+    wait = exc.retry_after
+    headers = () if wait is None else (("Retry-After", str(max(1, math.ceil(wait)))),)
+    return problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id, headers)
 
 
 def body_problem(ctx: RequestContext, error: body.BodyError) -> web.Response:
@@ -80,6 +84,8 @@ async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamR
     for name, value in relayed:
         response.headers.add(name, value)
     response.headers["X-Trace-Id"] = ctx.trace_id
+    for name, value in ctx.response_headers:
+        response.headers.add(name, value)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     if ctx.close_connection:

@@ -19,6 +19,8 @@ class UpstreamError(Exception):
 
     sent = True
     status = 502
+    # Seconds a client should wait before trying again, when the proxy knows (Retry-After).
+    retry_after: float | None = None
     slug = "upstream-unreachable"
     title = "Upstream unreachable"
 

@@ -1,32 +1,160 @@
-"""Runtime upstreams: the transports for each configured target and the choice between them."""
+"""Runtime upstreams: one transport per target, smooth weighted round robin between the targets
+that are healthy and whose circuit lets requests through, and per-target circuit breakers.
+
+Read API for /health and /metrics: `Upstream.targets` (url, weight, healthy, breaker.state),
+`Upstream.circuit_states()`, `Upstream.inflight`. Active health checks report with
+`Upstream.set_target_healthy(index, healthy)`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
+
+from proxy.breaker import CLOSED, CircuitBreaker
 from proxy.config import Upstream as UpstreamConfig
-from proxy.transport import AiohttpTransport, Transport
+from proxy.headers import Headers
+from proxy.transport import (
+    AiohttpTransport,
+    Transport,
+    UpstreamError,
+    UpstreamNotSent,
+    UpstreamResponse,
+)
+
+
+class CircuitOpen(UpstreamNotSent):
+    """Every target's circuit is open: answered at once, nothing sent."""
+
+    status = 503
+    slug = "circuit-open"
+    title = "Circuit open"
+
+
+class Target:
+    __slots__ = ("breaker", "current", "healthy", "transport", "url", "weight")
+
+    def __init__(self, url: str, weight: int, config: UpstreamConfig) -> None:
+        self.url = url
+        self.weight = weight
+        self.healthy = True
+        self.current = 0  # smooth weighted round robin state
+        self.transport: Transport = AiohttpTransport(
+            url,
+            connect_timeout=config.connect_timeout,
+            timeout=config.timeout,
+            max_connections=config.max_connections,
+        )
+        breaker = config.circuit_breaker
+        self.breaker = CircuitBreaker(breaker) if breaker is not None else None
+
+    def available(self) -> bool:
+        return self.weight > 0 and (self.breaker is None or self.breaker.allows())
 
 
 class Upstream:
-    """A named upstream and its target transports."""
+    """A named upstream: its targets, the choice between them and its in-flight count."""
 
-    __slots__ = ("config", "name", "transports")
+    __slots__ = ("_failure_statuses", "config", "inflight", "name", "retrying", "targets")
 
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
         self.config = config
-        self.transports: list[Transport] = [
-            AiohttpTransport(
-                url,
-                connect_timeout=config.connect_timeout,
-                timeout=config.timeout,
-                max_connections=config.max_connections,
-            )
-            for url in config.target_urls
+        weighted = (
+            [(t.url, t.weight) for t in config.targets]
+            if config.targets is not None
+            else [(url, 1) for url in config.target_urls]
+        )
+        self.targets = [Target(url, weight, config) for url, weight in weighted]
+        breaker = config.circuit_breaker
+        self._failure_statuses = frozenset(breaker.failure_statuses if breaker else ())
+        # Requests in progress (admission stage) and those of them retrying (retry policy).
+        self.inflight = 0
+        self.retrying = 0
+
+    def pick(self) -> Target | None:
+        """Smooth weighted round robin (nginx) over available targets; unhealthy targets are
+        skipped unless none is healthy (then health is ignored rather than failing all)."""
+        targets = self.targets
+        if len(targets) == 1:
+            return targets[0] if targets[0].available() else None
+        candidates = [t for t in targets if t.healthy and t.available()]
+        if not candidates:
+            candidates = [t for t in targets if not t.healthy and t.available()]
+        if not candidates:
+            return None
+        total = 0
+        best = candidates[0]
+        for target in candidates:
+            target.current += target.weight
+            total += target.weight
+            if target.current > best.current:
+                best = target
+        best.current -= total
+        return best
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> UpstreamResponse:
+        """One attempt on one picked target; the target's breaker learns the outcome."""
+        chosen = self.pick()
+        if chosen is None:
+            raise self._circuit_open()
+        breaker = chosen.breaker
+        if breaker is None:
+            return await chosen.transport.send(method, target, headers, body)
+        generation = breaker.acquire()
+        failed: bool | None = None
+        try:
+            response = await chosen.transport.send(method, target, headers, body)
+            failed = response.status in self._failure_statuses
+            return response
+        except UpstreamError:
+            failed = True
+            raise
+        finally:
+            breaker.release(generation, failed)
+
+    def _circuit_open(self) -> CircuitOpen:
+        waits = [t.breaker.retry_after() for t in self.targets if t.weight and t.breaker]
+        error = CircuitOpen(f"every target of upstream {self.name!r} has an open circuit")
+        error.retry_after = min(waits, default=1.0)
+        return error
+
+    def set_target_healthy(self, index: int, healthy: bool) -> None:
+        """Active health checks eject (False) or restore (True) `targets[index]`."""
+        self.targets[index].healthy = healthy
+
+    def circuit_states(self) -> list[tuple[str, str]]:
+        """(target url, closed|open|half_open) for every target (idemproxy_circuit_state)."""
+        return [(t.url, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Per target, for /health: url, weight, healthy, circuit, seconds until a probe."""
+        return [
+            {
+                "url": t.url,
+                "weight": t.weight,
+                "healthy": t.healthy,
+                "circuit": state,
+                "retry_after": t.breaker.retry_after() if t.breaker else 0.0,
+            }
+            for t, (_, state) in zip(self.targets, self.circuit_states(), strict=True)
         ]
 
-    def pick(self) -> Transport:
-        return self.transports[0]
+    def inherit(self, previous: Upstream) -> None:
+        """After a reload: keep health and circuit state of targets whose URL is unchanged."""
+        before = {t.url: t for t in previous.targets}
+        for target in self.targets:
+            old = before.get(target.url)
+            if old is not None:
+                target.healthy = old.healthy
+                if previous.config.circuit_breaker == self.config.circuit_breaker:
+                    target.breaker = old.breaker
 
     async def close(self) -> None:
-        for transport in self.transports:
-            await transport.close()
+        for target in self.targets:
+            await target.transport.close()

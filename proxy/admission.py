@@ -1,0 +1,39 @@
+"""Stage: count requests in progress per upstream and shed load beyond `max_inflight`.
+
+Excess requests get 503 `overloaded` at once instead of queueing behind the ones admitted, so
+admitted requests keep their latency. `Upstream.inflight` feeds the retry budget and the
+`idemproxy_inflight_requests` gauge.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.context import Handler, RequestContext
+from proxy.problem import problem
+from proxy.upstreams import Upstream
+
+_RETRY_AFTER = (("Retry-After", "1"),)
+
+
+def stage(next_handler: Handler, upstream: Upstream) -> Handler:
+    limit = upstream.config.max_inflight
+
+    async def admit(ctx: RequestContext) -> web.StreamResponse:
+        if limit is not None and upstream.inflight >= limit:
+            ctx.error_type = "overloaded"
+            return problem(
+                503,
+                "overloaded",
+                "Upstream overloaded",
+                f"upstream {upstream.name!r} already has {limit} requests in progress",
+                ctx.trace_id,
+                _RETRY_AFTER,
+            )
+        upstream.inflight += 1
+        try:
+            return await next_handler(ctx)
+        finally:
+            upstream.inflight -= 1
+
+    return admit
