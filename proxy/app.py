@@ -1,7 +1,7 @@
 """Composition root: compiles a config into the request pipeline and builds the admin app.
 
 The only module that knows the stage order:
-tracing -> dispatch (limits, routing) -> per-route stages -> forward.
+tracing -> access log -> dispatch (limits, routing) -> per-route stages -> forward.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy import forward, tracing
+from proxy import forward, logsink, tracing
+from proxy.access_log import AccessLog
 from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
+from proxy.metrics import Metrics, process_metrics
 from proxy.problem import problem
 from proxy.routing import RouteTable
 from proxy.upstreams import Upstream
@@ -31,14 +33,23 @@ class Runtime:
     A reload builds a new Runtime and swaps it in; requests keep the one they started with.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        log: logsink.LineWriter | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics or process_metrics()
+        self.metrics.compile(config)
+        self.access_log = AccessLog(config.logging, self.metrics, log or logsink.STDOUT)
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
         self.routes: RouteTable[CompiledRoute] = RouteTable(
             (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
             for r in config.routes
         )
-        self.entry: Handler = tracing.stage(self._dispatch)
+        self.entry: Handler = tracing.stage(self.access_log.stage(self._dispatch))
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
@@ -109,12 +120,17 @@ class DataPlane:
         )
         return await runtime.entry(RequestContext(request, client_ip))
 
+    def rejected(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Log and count a request the HTTP parser refused before the pipeline ran."""
+        self.runtime.access_log.rejected(request, response)
+
 
 async def live(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def admin_app() -> web.Application:
+def admin_app(metrics: Metrics) -> web.Application:
     app = web.Application()
     app.router.add_get("/live", live)
+    app.router.add_get("/metrics", metrics.handle)
     return app

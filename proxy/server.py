@@ -9,14 +9,17 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import tracing
+from proxy import events, logsink, tracing
 from proxy.app import DataPlane, Runtime, admin_app
-from proxy.config import Config
+from proxy.config import Config, config_hash
+from proxy.events import emit
 from proxy.problem import problem
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
 MAX_HEADERS = 128
+# At exit, how long buffered log lines may take to reach a slow stdout before they are dropped.
+FLUSH_TIMEOUT = 2.0
 # After an early answer (413, 408) aiohttp drains the unread body this long before closing;
 # its default of 10s would let a slow client hold the connection well past the body deadline.
 LINGERING_TIME = 1.0
@@ -48,13 +51,16 @@ class _ProtocolHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status == 400 and request.writer.output_size == 0:
-            return parse_error_response(exc)
+            response = parse_error_response(exc)
+            plane = self._manager.request_handler if self._manager is not None else None
+            if isinstance(plane, DataPlane):
+                plane.rejected(request, response)
+            return response
         return super().handle_error(request, status, exc, message)
 
 
 class _Server(web.Server):
     """aiohttp's low-level server with problem+json answers for parser rejections."""
-
     def __call__(self) -> RequestHandler:
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
 
@@ -75,10 +81,12 @@ def data_server(plane: DataPlane, config: Config) -> web.Server:
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then close listeners and finish in-flight requests."""
+    logsink.STDOUT.limit = config.logging.buffer_size
+    events.configure(config.logging.level)
     runtime = Runtime(config)
     plane = DataPlane(runtime)
     data_runner = web.ServerRunner(data_server(plane, config), handle_signals=False)
-    admin_runner = web.AppRunner(admin_app(), handle_signals=False, access_log=None)
+    admin_runner = web.AppRunner(admin_app(runtime.metrics), handle_signals=False, access_log=None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,9 +100,21 @@ async def serve(config: Config) -> None:
         await web.TCPSite(
             admin_runner, config.admin.host, config.admin.port, reuse_address=True
         ).start()
+        if not config.logging.hash_salt:
+            emit(
+                "hash_salt_random",
+                "warning",
+                detail="logging.hash_salt is empty: user.hash and idempotency.key_hash use a "
+                "random per-process salt and cannot be correlated across replicas or restarts",
+            )
+        emit(
+            "started", hash=config_hash(config), listen=config.listen.port, admin=config.admin.port
+        )
         await stop.wait()
     finally:
         await data_runner.shutdown()
         await data_runner.cleanup()
         await admin_runner.cleanup()
         await plane.runtime.close()
+        emit("stopped")
+        logsink.STDOUT.flush(FLUSH_TIMEOUT)
