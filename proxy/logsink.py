@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import atexit
 import os
+import select
 import threading
 import time
 from collections import deque
 from typing import Protocol
 
 DEFAULT_LIMIT = 1024 * 1024
-BATCH_BYTES = 64 * 1024
+# Writes of whole lines up to PIPE_BUF are atomic on a pipe: a process stopped while its
+# output is blocked never leaves half a line behind.
+BATCH_BYTES = select.PIPE_BUF
 FLUSH_INTERVAL = 0.05
+# The writer wakes early once this much is waiting (else every FLUSH_INTERVAL).
+WAKE_BYTES = 64 * 1024
 
 
 class LineWriter(Protocol):
@@ -53,7 +58,7 @@ class LogSink:
         self._queued += len(line)
         if self._thread is None:
             self._start()
-        elif self._queued - self._written >= BATCH_BYTES:
+        elif self._queued - self._written >= WAKE_BYTES:
             self._wake.set()
 
     def flush(self, timeout: float) -> bool:
@@ -81,7 +86,7 @@ class LogSink:
             while queue:
                 batch: list[bytes] = []
                 size = 0
-                while queue and size < BATCH_BYTES:
+                while queue and (not batch or size + len(queue[0]) <= BATCH_BYTES):
                     line = queue.popleft()
                     batch.append(line)
                     size += len(line)
