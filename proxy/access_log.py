@@ -69,7 +69,7 @@ class AccessLog:
         inflight = self.metrics.inflight
 
         async def handle(ctx: RequestContext) -> web.StreamResponse:
-            inflight.inc()
+            inflight.value += 1
             response: web.StreamResponse | None = None
             try:
                 response = await next_handler(ctx)
@@ -90,7 +90,7 @@ class AccessLog:
                 )
                 return response
             finally:
-                inflight.dec()
+                inflight.value -= 1
                 self._finish(ctx, response)
 
         return handle
@@ -133,7 +133,7 @@ class AccessLog:
             route_metrics.idempotency(outcome)
         error_type = ctx.error_type
         if error_type == "store_unavailable" or outcome == "store_error":
-            metrics.store_errors.inc()
+            metrics.store_errors.value += 1
         if not self.enabled:
             return
         if error_type is None:

@@ -1,153 +1,143 @@
 """One Prometheus registry (not the library's global one) and the proxy's instruments.
 
-Labels come only from bounded sets: route names and upstream names from the config, a fixed
-method set (others count as `_OTHER`), status classes, idempotency outcomes, reload results.
-Children are created when a config is compiled, so known series read 0 from startup and the
-request path never calls `.labels()`.
+The request path only bumps plain numbers held in per-route objects (an attribute add and a
+bisect, no lock, no `.labels()`); the registry turns them into metric families when scraped,
+in a worker thread. Labels come only from bounded sets: route and upstream names from the
+config, a fixed method set (others count as `_OTHER`), status classes, idempotency outcomes,
+reload results. A config's series exist (at 0) from the moment it is compiled.
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import disable_created_metrics as _disable_created
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from proxy import logsink
 from proxy.config import Config
 
 # OpenTelemetry's advisory buckets for http.server.request.duration, in seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_BUCKET_LABELS = [*(repr(b) for b in BUCKETS), "+Inf"]
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 OTHER_METHOD = "_OTHER"
 # Series created up front for routes that accept any method.
 COMMON_METHODS = ("GET", "POST")
-STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 OUTCOMES = ("miss", "replay", "conflict", "mismatch", "bypass", "indeterminate", "store_error")
 RELOAD_RESULTS = ("success", "failure", "unchanged")
 NO_ROUTE = ""
 """`route` label of requests that matched no route (404, rejections before routing)."""
 
-# `_created` gauges double the series count and Prometheus' text parser ignores them.
-_disable_created()  # type: ignore[no-untyped-call]
+
+class Cell:
+    """One counter or gauge value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class Histogram:
+    """One histogram series: per-bucket counts (made cumulative when scraped) and the sum."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total = 0
+        out: list[tuple[str, float]] = []
+        for label, count in zip(_BUCKET_LABELS, list(self.buckets), strict=True):
+            total += count
+            out.append((label, total))
+        return out
 
 
 class RouteMetrics:
-    """The children for one route, so a request costs dict lookups and `inc`/`observe` only."""
+    """The series of one route, so a request costs a dict lookup and a few additions."""
 
     __slots__ = ("_idempotency", "_metrics", "_requests", "duration", "name")
 
     def __init__(self, metrics: Metrics, name: str, methods: Iterable[str], idempotent: bool):
         self.name = name
         self._metrics = metrics
-        self._requests: dict[tuple[str, int], Counter] = {}
-        self._idempotency: dict[str, Counter] = {}
-        self.duration = metrics.request_duration.labels(name)
+        self._requests: dict[tuple[str, int], Cell] = {}
+        self._idempotency: dict[str, Cell] = {}
+        self.duration = metrics.request_duration.setdefault(name, Histogram())
         for method in methods:
             for status_class in range(2, 6):
-                self._request_child(method, status_class)
+                self._request_cell(method, status_class)
         if idempotent:
             for outcome in OUTCOMES:
-                self._idempotency_child(outcome)
+                self._idempotency_cell(outcome)
 
     def request(self, method: str, status: int, seconds: float) -> None:
+        if method not in METHODS:
+            method = OTHER_METHOD
         key = (method, status // 100)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._request_child(method, key[1])
-        child.inc()
+        cell = self._requests.get(key)
+        if cell is None:
+            cell = self._request_cell(method, key[1])
+        cell.value += 1
         self.duration.observe(seconds)
 
     def idempotency(self, outcome: str) -> None:
-        child = self._idempotency.get(outcome)
-        if child is None:
+        cell = self._idempotency.get(outcome)
+        if cell is None:
             if outcome not in OUTCOMES:
                 return
-            child = self._idempotency_child(outcome)
-        child.inc()
+            cell = self._idempotency_cell(outcome)
+        cell.value += 1
 
-    def _request_child(self, method: str, status_class: int) -> Counter:
-        label = method if method in METHODS else OTHER_METHOD
-        child = self._metrics.requests.labels(self.name, label, f"{status_class}xx")
-        self._requests[(method, status_class)] = child
-        return child
-
-    def _idempotency_child(self, outcome: str) -> Counter:
-        child = self._metrics.idempotency.labels(self.name, outcome)
-        self._idempotency[outcome] = child
-        return child
-
-
-class _DroppedLines:
-    """idemproxy_log_dropped_total, read from the log sink at scrape time."""
-
-    def __init__(self, dropped: Callable[[], int]) -> None:
-        self._dropped = dropped
-
-    def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "idemproxy_log_dropped",
-            "Log lines dropped because the log output could not keep up.",
-            value=self._dropped(),
+    def _request_cell(self, method: str, status_class: int) -> Cell:
+        key = (self.name, method, f"{status_class}xx")
+        cell = self._requests[(method, status_class)] = self._metrics.requests.setdefault(
+            key, Cell()
         )
+        return cell
+
+    def _idempotency_cell(self, outcome: str) -> Cell:
+        cell = self._idempotency[outcome] = self._metrics.idempotency.setdefault(
+            (self.name, outcome), Cell()
+        )
+        return cell
 
 
 class Metrics:
-    """The registry and instruments of one process; survives config reloads."""
+    """The instruments of one process (they survive config reloads) and their registry."""
 
     def __init__(self, dropped: Callable[[], int] = lambda: 0) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
-        self.requests = Counter(
-            "idemproxy_requests",
-            "Requests answered, by route, method and status class.",
-            ["route", "method", "status_class"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "idemproxy_request_duration_seconds",
-            "Time from request head to the end of the response, by route.",
-            ["route"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
-        self.upstream_duration = Histogram(
-            "idemproxy_upstream_duration_seconds",
-            "Time the upstream took to answer (response head), by upstream.",
-            ["upstream"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
-        self.idempotency = Counter(
-            "idemproxy_idempotency",
-            "Idempotency decisions, by route and outcome.",
-            ["route", "outcome"],
-            registry=registry,
-        )
-        self.store_errors = Counter(
-            "idemproxy_store_errors", "Requests that met a store failure.", registry=registry
-        )
-        self.inflight = Gauge(
-            "idemproxy_inflight_requests", "Requests in progress.", registry=registry
-        )
-        self.config_reloads = Counter(
-            "idemproxy_config_reloads",
-            "Config reload attempts, by result.",
-            ["result"],
-            registry=registry,
-        )
-        for result in RELOAD_RESULTS:
-            self.config_reloads.labels(result)
-        registry.register(_DroppedLines(dropped))
+        self.requests: dict[tuple[str, str, str], Cell] = {}
+        self.request_duration: dict[str, Histogram] = {}
+        self.upstream_duration: dict[str, Histogram] = {}
+        self.idempotency: dict[tuple[str, str], Cell] = {}
+        self.store_errors = Cell()
+        self.inflight = Cell()
+        self.config_reloads = {result: Cell() for result in RELOAD_RESULTS}
+        self._dropped = dropped
         self.routes: dict[str, RouteMetrics] = {}
-        self.upstreams: dict[str, Histogram] = {}
         self.unrouted = RouteMetrics(self, NO_ROUTE, (), idempotent=False)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
     def compile(self, config: Config) -> None:
         """Create the series of the config's routes and upstreams (kept across reloads)."""
@@ -171,20 +161,81 @@ class Metrics:
         return metrics
 
     def upstream(self, name: str) -> Histogram:
-        child = self.upstreams.get(name)
-        if child is None:
-            child = self.upstreams[name] = self.upstream_duration.labels(name)
-        return child
+        histogram = self.upstream_duration.get(name)
+        if histogram is None:
+            histogram = self.upstream_duration[name] = Histogram()
+        return histogram
 
     def count_reload(self, result: str) -> None:
         """Hook for the reloader: one call per attempt (`success`, `failure`, `unchanged`)."""
-        self.config_reloads.labels(result).inc()
+        cell = self.config_reloads.get(result)
+        if cell is not None:
+            cell.value += 1
+
+    def collect(self) -> Iterator[Metric]:
+        """The registry's view; runs in a worker thread, so it copies before iterating."""
+        requests = CounterMetricFamily(
+            "idemproxy_requests",
+            "Requests answered, by route, method and status class.",
+            labels=["route", "method", "status_class"],
+        )
+        for labels, cell in list(self.requests.items()):
+            requests.add_metric(labels, cell.value)
+        yield requests
+        yield _histograms(
+            "idemproxy_request_duration_seconds",
+            "Time from the request head to the response handed back, by route.",
+            "route",
+            self.request_duration,
+        )
+        yield _histograms(
+            "idemproxy_upstream_duration_seconds",
+            "Time until the upstream's response head, by upstream.",
+            "upstream",
+            self.upstream_duration,
+        )
+        idempotency = CounterMetricFamily(
+            "idemproxy_idempotency",
+            "Idempotency decisions, by route and outcome.",
+            labels=["route", "outcome"],
+        )
+        for key, cell in list(self.idempotency.items()):
+            idempotency.add_metric(key, cell.value)
+        yield idempotency
+        yield CounterMetricFamily(
+            "idemproxy_store_errors",
+            "Requests that met a store failure.",
+            value=self.store_errors.value,
+        )
+        yield GaugeMetricFamily(
+            "idemproxy_inflight_requests", "Requests in progress.", value=self.inflight.value
+        )
+        reloads = CounterMetricFamily(
+            "idemproxy_config_reloads", "Config reload attempts, by result.", labels=["result"]
+        )
+        for result, cell in self.config_reloads.items():
+            reloads.add_metric([result], cell.value)
+        yield reloads
+        yield CounterMetricFamily(
+            "idemproxy_log_dropped",
+            "Log lines dropped because the log output could not keep up.",
+            value=self._dropped(),
+        )
 
     async def handle(self, request: web.Request) -> web.Response:
-        """GET /metrics: the exposition is rendered off the event loop so /live stays prompt."""
+        """GET /metrics: rendered in a worker thread so /live and the data plane stay prompt."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         body = await asyncio.to_thread(encoder, self.registry)
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _histograms(
+    name: str, documentation: str, label: str, series: dict[str, Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, histogram in list(series.items()):
+        family.add_metric([value], histogram.cumulative(), histogram.sum)
+    return family
 
 
 _process: Metrics | None = None
