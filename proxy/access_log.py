@@ -77,6 +77,10 @@ class AccessLog:
             except asyncio.CancelledError:
                 ctx.error_type = ctx.error_type or "cancelled"
                 raise
+            except web.HTTPException as exc:  # aiohttp's raise-a-response idiom: it is the answer
+                exc.headers["X-Trace-Id"] = ctx.trace_id
+                response = exc
+                raise
             except Exception as exc:
                 ctx.error_type = ctx.error_type or type(exc).__name__
                 if ctx.status:  # the response has begun: nothing else can be sent

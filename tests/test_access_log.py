@@ -249,3 +249,16 @@ async def test_an_unexpected_error_still_answers_with_a_trace_id_and_a_line() ->
     [line] = lines.json()
     assert (line["http.response.status_code"], line["error.type"]) == (500, "KeyError")
     assert metrics.inflight.value == 0
+
+
+async def test_a_raised_http_exception_is_logged_with_its_status() -> None:
+    lines = Lines()
+
+    async def gone(ctx: RequestContext) -> web.StreamResponse:
+        raise web.HTTPGone()
+
+    with pytest.raises(web.HTTPGone) as raised:
+        await AccessLog(Logging(), Metrics(), lines).stage(gone)(_ctx())
+    assert raised.value.headers["X-Trace-Id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    [line] = lines.json()
+    assert line["http.response.status_code"] == 410

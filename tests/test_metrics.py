@@ -145,3 +145,19 @@ async def test_exposition_formats(aiohttp_client, accept: str) -> None:
     assert response.headers["Content-Type"].startswith(
         "application/openmetrics-text" if accept else "text/plain"
     )
+
+
+async def test_series_survive_a_reload_and_new_routes_start_at_zero(upstream: RecordingUpstream) -> None:
+    from proxy.app import Runtime
+    from proxy.config import parse
+
+    metrics = Metrics()
+    old = Runtime(parse(base_config(upstream.url), env={}), metrics=metrics)
+    metrics.route("default").request("GET", 200, 0.01)
+    config = base_config(upstream.url)
+    config["routes"].insert(0, {"name": "fresh", "match": {"path_prefix": "/new"}, "upstream": "app"})
+    new = Runtime(parse(config, env={}), metrics=metrics)
+    await old.close()
+    await new.close()
+    assert metrics.requests[("default", "GET", "2xx")].value == 1
+    assert metrics.requests[("fresh", "POST", "5xx")].value == 0
