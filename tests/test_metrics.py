@@ -9,7 +9,8 @@ from asyncio.subprocess import PIPE, STDOUT
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import admin_app
+from proxy.app import Runtime, admin_app
+from proxy.config import parse
 from proxy.metrics import BUCKETS, Metrics
 from tests.support.observed import observe
 from tests.support.proxy_process import base_config
@@ -148,9 +149,6 @@ async def test_exposition_formats(aiohttp_client, accept: str) -> None:
 
 
 async def test_series_survive_a_reload_and_new_routes_start_at_zero(upstream: RecordingUpstream) -> None:
-    from proxy.app import Runtime
-    from proxy.config import parse
-
     metrics = Metrics()
     old = Runtime(parse(base_config(upstream.url), env={}), metrics=metrics)
     metrics.route("default").request("GET", 200, 0.01)
