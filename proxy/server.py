@@ -61,6 +61,7 @@ class _ProtocolHandler(RequestHandler):
 
 class _Server(web.Server):
     """aiohttp's low-level server with problem+json answers for parser rejections."""
+
     def __call__(self) -> RequestHandler:
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
 
