@@ -14,7 +14,7 @@ from proxy.config import Logging
 from proxy.context import RequestContext
 from proxy.metrics import Metrics
 from tests.support.observed import Lines, observe
-from tests.support.ports import free_port
+from tests.support.ports import free_port, wait_until
 from tests.support.proxy_process import base_config
 from tests.support.raw_http import exchange, status_of
 from tests.support.upstream import RecordingUpstream
@@ -262,3 +262,42 @@ async def test_a_raised_http_exception_is_logged_with_its_status() -> None:
     assert raised.value.headers["X-Trace-Id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     [line] = lines.json()
     assert line["http.response.status_code"] == 410
+
+
+async def test_a_real_process_writes_one_line_per_request_whatever_the_outcome(
+    proxy_process, upstream: RecordingUpstream
+) -> None:
+    config = base_config(
+        upstream.url,
+        upstreams={
+            "app": {"url": upstream.url},
+            "dead": {"url": f"http://127.0.0.1:{free_port()}", "connect_timeout": "1s"},
+        },
+        routes=[
+            {"name": "down", "match": {"path_prefix": "/down"}, "upstream": "dead"},
+            {"name": "api", "match": {"path_prefix": "/api"}, "upstream": "app"},
+        ],
+        limits={"max_request_body": "4B"},
+    )
+    process = proxy_process(config)
+    statuses = []
+    async with ClientSession() as session:
+        for method, path, data in (
+            ("GET", "/api/ok", None),
+            ("GET", "/down/x", None),
+            ("GET", "/missing", None),
+            ("POST", "/api/big", b"12345"),
+        ):
+            async with session.request(method, process.url + path, data=data) as response:
+                statuses.append(response.status)
+    garbage, _ = await exchange(process.port, b"\x16\x03\x01 not http\r\n\r\n", until_close=True)
+    statuses.append(status_of(garbage))
+    assert statuses == [200, 502, 404, 413, 400]
+
+    def access_lines() -> list[dict[str, object]] | None:
+        lines = [line for line in process.json_lines() if "http.response.status_code" in line]
+        return lines if len(lines) >= len(statuses) else None
+
+    lines = await asyncio.to_thread(wait_until, access_lines, 5, "five access log lines")
+    assert [line["http.response.status_code"] for line in lines] == statuses
+    assert all(set(FIELDS) <= set(line) for line in lines)
