@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -173,15 +173,13 @@ class Metrics:
             cell.value += 1
 
     def collect(self) -> Iterator[Metric]:
-        """The registry's view; runs in a worker thread, so it copies before iterating."""
-        requests = CounterMetricFamily(
+        """The registry's view; runs in a worker thread, so dicts are copied before iterating."""
+        yield _counters(
             "idemproxy_requests",
             "Requests answered, by route, method and status class.",
-            labels=["route", "method", "status_class"],
+            ["route", "method", "status_class"],
+            list(self.requests.items()),
         )
-        for labels, cell in list(self.requests.items()):
-            requests.add_metric(labels, cell.value)
-        yield requests
         yield _histograms(
             "idemproxy_request_duration_seconds",
             "Time from the request head to the response handed back, by route.",
@@ -194,14 +192,12 @@ class Metrics:
             "upstream",
             self.upstream_duration,
         )
-        idempotency = CounterMetricFamily(
+        yield _counters(
             "idemproxy_idempotency",
             "Idempotency decisions, by route and outcome.",
-            labels=["route", "outcome"],
+            ["route", "outcome"],
+            list(self.idempotency.items()),
         )
-        for key, cell in list(self.idempotency.items()):
-            idempotency.add_metric(key, cell.value)
-        yield idempotency
         yield CounterMetricFamily(
             "idemproxy_store_errors",
             "Requests that met a store failure.",
@@ -210,12 +206,12 @@ class Metrics:
         yield GaugeMetricFamily(
             "idemproxy_inflight_requests", "Requests in progress.", value=self.inflight.value
         )
-        reloads = CounterMetricFamily(
-            "idemproxy_config_reloads", "Config reload attempts, by result.", labels=["result"]
+        yield _counters(
+            "idemproxy_config_reloads",
+            "Config reload attempts, by result.",
+            ["result"],
+            [((result,), cell) for result, cell in self.config_reloads.items()],
         )
-        for result, cell in self.config_reloads.items():
-            reloads.add_metric([result], cell.value)
-        yield reloads
         yield CounterMetricFamily(
             "idemproxy_log_dropped",
             "Log lines dropped because the log output could not keep up.",
@@ -227,6 +223,15 @@ class Metrics:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         body = await asyncio.to_thread(encoder, self.registry)
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _counters(
+    name: str, documentation: str, labels: list[str], cells: Iterable[tuple[Sequence[str], Cell]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, cell in cells:
+        family.add_metric(values, cell.value)
+    return family
 
 
 def _histograms(
