@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from proxy.config import Logging
 from proxy.context import Handler, RequestContext
-from proxy.events import iso_time
+from proxy.events import emit, iso_time
 from proxy.logsink import LineWriter
 from proxy.metrics import OTHER_METHOD, Metrics
 from proxy.problem import problem
@@ -83,6 +84,13 @@ class AccessLog:
                 raise
             except Exception as exc:
                 ctx.error_type = ctx.error_type or type(exc).__name__
+                emit(
+                    "unhandled_error",
+                    "error",
+                    trace_id=ctx.trace_id,
+                    error=repr(exc)[:MAX_FIELD],
+                    traceback="".join(traceback.format_exception(exc)),
+                )
                 if ctx.status:  # the response has begun: nothing else can be sent
                     raise
                 response = problem(

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import make_mocked_request
 
+from proxy import events, logsink
 from proxy.access_log import AccessLog, allowed_query, encode
 from proxy.config import Logging
 from proxy.context import RequestContext
@@ -243,7 +244,15 @@ async def test_an_unexpected_error_still_answers_with_a_trace_id_and_a_line() ->
     async def broken(ctx: RequestContext) -> web.StreamResponse:
         raise KeyError("bug")
 
-    response = await AccessLog(Logging(), metrics, lines).stage(broken)(_ctx())
+    reported = Lines()
+    events.configure("info", reported)
+    try:
+        response = await AccessLog(Logging(), metrics, lines).stage(broken)(_ctx())
+    finally:
+        events.configure("info", logsink.STDOUT)
+    [event] = reported.json()
+    assert (event["event"], event["level"], event["error"]) == ("unhandled_error", "error", "KeyError('bug')")
+    assert "raise KeyError" in event["traceback"]
     assert response.status == 500
     assert response.headers["X-Trace-Id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     [line] = lines.json()
