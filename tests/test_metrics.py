@@ -7,9 +7,10 @@ import shutil
 from asyncio.subprocess import PIPE, STDOUT
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import Runtime, admin_app
+from proxy.app import Runtime
 from proxy.config import parse
 from proxy.metrics import BUCKETS, Metrics
 from tests.support.observed import observe
@@ -26,6 +27,14 @@ EXPECTED_TYPES = {
     "idemproxy_config_reloads": "counter",
     "idemproxy_log_dropped": "counter",
 }
+
+
+def _metrics_app(metrics: Metrics) -> web.Application:
+    """The /metrics handler alone (the admin app also mounts it; a real process test scrapes
+    the admin port)."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.handle)
+    return app
 
 
 def _config(upstream_url: str) -> dict[str, object]:
@@ -45,7 +54,7 @@ def _config(upstream_url: str) -> dict[str, object]:
 
 async def test_scrape_after_a_known_sequence(aiohttp_client, upstream: RecordingUpstream) -> None:
     seen = await observe(aiohttp_client, _config(upstream.url))
-    admin = await aiohttp_client(admin_app(seen.metrics))
+    admin = await aiohttp_client(_metrics_app(seen.metrics))
 
     before = await admin.get("/metrics")
     assert before.status == 200
@@ -139,7 +148,7 @@ def test_log_drops_are_read_from_the_sink_at_scrape_time() -> None:
 
 @pytest.mark.parametrize("accept", ["application/openmetrics-text; version=1.0.0", ""])
 async def test_exposition_formats(aiohttp_client, accept: str) -> None:
-    admin = await aiohttp_client(admin_app(Metrics()))
+    admin = await aiohttp_client(_metrics_app(Metrics()))
     response = await admin.get("/metrics", headers={"Accept": accept} if accept else {})
     body = await response.text()
     assert "# TYPE idemproxy_requests counter" in body or "# TYPE idemproxy_requests_total counter" in body
