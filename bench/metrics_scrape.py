@@ -107,7 +107,7 @@ async def _serve(handler: Any) -> tuple[web.AppRunner, str]:
 
 
 class _Null:
-    def write(self, line: bytes) -> None:
+    def write(self, line: bytes, urgent: bool = False) -> None:
         pass
 
 

@@ -31,7 +31,7 @@ def emit(event: str, level: str = "info", **fields: Any) -> None:
     if LEVELS.get(level, 40) < _threshold:
         return
     line = {"timestamp": iso_time(time.time()), "level": level, "event": event, **fields}
-    _sink.write(orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE))
+    _sink.write(orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE), urgent=True)
 
 
 _second = -1

@@ -26,9 +26,12 @@ WAKE_BYTES = 64 * 1024
 
 
 class LineWriter(Protocol):
-    """Anything that takes complete newline-terminated lines (the sink, or a list in tests)."""
+    """Anything that takes complete newline-terminated lines (the sink, or a list in tests).
 
-    def write(self, line: bytes) -> None: ...
+    `urgent` lines (rare events) are handed to the writer at once instead of with the next batch.
+    """
+
+    def write(self, line: bytes, urgent: bool = False) -> None: ...
 
 
 class LogSink:
@@ -50,7 +53,7 @@ class LogSink:
     def pending(self) -> int:
         return self._queued - self._written
 
-    def write(self, line: bytes) -> None:
+    def write(self, line: bytes, urgent: bool = False) -> None:
         if self._queued - self._written + len(line) > self.limit:
             self.dropped += 1
             return
@@ -58,7 +61,7 @@ class LogSink:
         self._queued += len(line)
         if self._thread is None:
             self._start()
-        elif self._queued - self._written >= WAKE_BYTES:
+        elif urgent or self._queued - self._written >= WAKE_BYTES:
             self._wake.set()
 
     def flush(self, timeout: float) -> bool:
@@ -81,8 +84,7 @@ class LogSink:
     def _run(self) -> None:
         queue = self._queue
         while True:
-            self._wake.wait(FLUSH_INTERVAL)
-            self._wake.clear()
+            self._wake.clear()  # before draining: a line queued after this wakes the next wait
             while queue:
                 batch: list[bytes] = []
                 size = 0
@@ -92,6 +94,7 @@ class LogSink:
                     size += len(line)
                 self._write_all(b"".join(batch))
                 self._written += size
+            self._wake.wait(FLUSH_INTERVAL)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)

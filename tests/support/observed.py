@@ -25,7 +25,7 @@ class Lines:
     def __init__(self) -> None:
         self.raw: list[bytes] = []
 
-    def write(self, line: bytes) -> None:
+    def write(self, line: bytes, urgent: bool = False) -> None:
         self.raw.append(line)
 
     def json(self) -> list[dict[str, Any]]:
