@@ -129,8 +129,8 @@ async def live(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def admin_app(metrics: Metrics) -> web.Application:
+def admin_app(metrics: Metrics | None = None) -> web.Application:
     app = web.Application()
     app.router.add_get("/live", live)
-    app.router.add_get("/metrics", metrics.handle)
+    app.router.add_get("/metrics", (metrics or process_metrics()).handle)
     return app
