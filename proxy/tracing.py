@@ -33,16 +33,13 @@ MAX_TRACESTATE_MEMBERS = 32
 
 
 def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
-    """(trace_id, parent_id, flags) from a valid version-00 traceparent, else None.
-
-    The flags come back with the undefined bits cleared, ready to propagate.
-    """
+    """(trace_id, parent_id, flags) from a valid version-00 traceparent, else None."""
     if not value:
         return None
     match = _TRACEPARENT.match(value.strip(" \t"))
     if not match or match[1] == _ZERO_TRACE or match[2] == _ZERO_SPAN:
         return None
-    return match[1], match[2], f"{int(match[3], 16) & _KNOWN_FLAGS:02x}"
+    return match[1], match[2], match[3]
 
 
 def parse_trace_id(value: str | None) -> str | None:
@@ -73,6 +70,11 @@ def parse_tracestate(values: Sequence[str]) -> str | None:
     return ",".join(m.strip(" \t") for m in members)
 
 
+def propagated_flags(flags: str) -> str:
+    """The flags to send on: sampled and random kept, bits not defined yet cleared (W3C)."""
+    return f"{int(flags, 16) & _KNOWN_FLAGS:02x}"
+
+
 def new_trace_id() -> str:
     return f"{random.getrandbits(128) or 1:032x}"
 
@@ -89,7 +91,8 @@ def stage(next_handler: Handler) -> Handler:
         raw_id = headers.get("X-Trace-Id")
         parent = parse_traceparent(raw_parent)
         if parent is not None:
-            ctx.trace_id, _, ctx.trace_flags = parent
+            ctx.trace_id, _, flags = parent
+            ctx.trace_flags = propagated_flags(flags)
             if raw_id is not None and parse_trace_id(raw_id) != ctx.trace_id:
                 replaced.append("x-trace-id")
             states = headers.getall("tracestate", ())

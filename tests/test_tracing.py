@@ -16,6 +16,7 @@ from proxy.tracing import (
     parse_trace_id,
     parse_traceparent,
     parse_tracestate,
+    propagated_flags,
 )
 from tests.support.observed import observe
 from tests.support.ports import wait_until
@@ -34,7 +35,7 @@ HEX16 = re.compile(r"^[0-9a-f]{16}$")
         (f"00-{TRACE}-{SPAN}-01", (TRACE, SPAN, "01")),
         (f"00-{TRACE}-{SPAN}-00", (TRACE, SPAN, "00")),
         (f"00-{TRACE}-{SPAN}-03", (TRACE, SPAN, "03")),  # sampled + random (Level 2)
-        (f"00-{TRACE}-{SPAN}-ff", (TRACE, SPAN, "03")),  # undefined bits are cleared
+        (f"00-{TRACE}-{SPAN}-ff", (TRACE, SPAN, "ff")),  # as received; cleared when sent on
         (f" 00-{TRACE}-{SPAN}-01\t", (TRACE, SPAN, "01")),  # optional whitespace
         (f"00-{TRACE.upper()}-{SPAN}-01", None),  # uppercase hex
         (f"01-{TRACE}-{SPAN}-01", None),  # unknown version
@@ -103,7 +104,14 @@ span_id = st.integers(min_value=1, max_value=2**64 - 1).map(lambda n: f"{n:016x}
 
 @given(hex_id, span_id, st.integers(min_value=0, max_value=255))
 def test_valid_traceparent_round_trips(trace: str, span: str, flags: int) -> None:
-    assert parse_traceparent(f"00-{trace}-{span}-{flags:02x}") == (trace, span, f"{flags & 3:02x}")
+    assert parse_traceparent(f"00-{trace}-{span}-{flags:02x}") == (trace, span, f"{flags:02x}")
+
+
+@pytest.mark.parametrize(
+    ("received", "sent"), [("00", "00"), ("01", "01"), ("02", "02"), ("03", "03"), ("ff", "03"), ("05", "01")]
+)
+def test_only_defined_flags_are_propagated(received: str, sent: str) -> None:
+    assert propagated_flags(received) == sent
 
 
 @given(st.text(max_size=80))
@@ -113,7 +121,7 @@ def test_traceparent_parser_never_accepts_malformed_ids(text: str) -> None:
         trace, span, flags = parsed
         assert HEX32.match(trace) and trace != "0" * 32
         assert HEX16.match(span) and span != "0" * 16
-        assert flags in {"00", "01", "02", "03"}
+        assert re.fullmatch("[0-9a-f]{2}", flags)
 
 
 @given(st.one_of(st.text(max_size=40), st.uuids().map(str), hex_id))
@@ -157,6 +165,14 @@ async def test_valid_traceparent_is_continued(aiohttp_client, upstream: Recordin
     [line] = await seen.lines.wait_for(1)
     assert (line["trace_id"], line["span_id"], line["trace_flags"]) == (TRACE, parent, "00")
     assert line["trace.replaced"] is None
+
+
+async def test_undefined_flag_bits_are_cleared_upstream(aiohttp_client, upstream: RecordingUpstream) -> None:
+    seen = await observe(aiohttp_client, base_config(upstream.url))
+    await seen.client.get("/x", headers={"traceparent": f"00-{TRACE}-{SPAN}-ff"})
+    assert (upstream.received[0].header("traceparent") or "").endswith("-03")
+    [line] = await seen.lines.wait_for(1)
+    assert line["trace_flags"] == "03"
 
 
 @pytest.mark.parametrize(
