@@ -310,3 +310,25 @@ async def test_a_real_process_writes_one_line_per_request_whatever_the_outcome(
     lines = await asyncio.to_thread(wait_until, access_lines, 5, "five access log lines")
     assert [line["http.response.status_code"] for line in lines] == statuses
     assert all(set(FIELDS) <= set(line) for line in lines)
+
+
+async def test_concurrent_requests_give_whole_lines_in_a_real_process(
+    proxy_process, upstream: RecordingUpstream
+) -> None:
+    process = proxy_process(base_config(upstream.url))
+    async with ClientSession() as session:
+
+        async def one(i: int) -> str:
+            async with session.get(f"{process.url}/c/{i}", headers={"User-Agent": f'ua "{i}"\t\\'}) as response:
+                await response.read()
+                return response.headers["X-Trace-Id"]
+
+        trace_ids = await asyncio.gather(*(one(i) for i in range(60)))
+
+    def lines() -> list[dict[str, object]] | None:
+        found = [line for line in process.json_lines() if str(line.get("url.path", "")).startswith("/c/")]
+        return found if len(found) >= 60 else None
+
+    logged = await asyncio.to_thread(wait_until, lines, 5, "60 access lines")
+    assert sorted(str(line["trace_id"]) for line in logged) == sorted(trace_ids)
+    assert {line["user_agent.original"] for line in logged} == {f'ua "{i}"\t\\' for i in range(60)}
