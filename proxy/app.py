@@ -1,7 +1,7 @@
 """Composition root: compiles a config into the request pipeline and builds the admin app.
 
 The only module that knows the stage order:
-tracing -> dispatch (limits, routing) -> per-route stages -> forward.
+tracing -> access log -> dispatch (limits, routing) -> per-route stages -> forward.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy import admission, forward, quota, retry, tracing
+from proxy import admission, forward, logsink, quota, retry, tracing
+from proxy.access_log import AccessLog
 from proxy.config import Config, Route
 from proxy.context import Handler, RequestContext
 from proxy.headers import client_address
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
+from proxy.metrics import Metrics, process_metrics
 from proxy.problem import problem
 from proxy.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from proxy.routing import RouteTable
@@ -41,9 +43,18 @@ class Runtime:
     """
 
     def __init__(
-        self, config: Config, store: Store | None = None, *, previous: Runtime | None = None
+        self,
+        config: Config,
+        store: Store | None = None,
+        *,
+        previous: Runtime | None = None,
+        metrics: Metrics | None = None,
+        log: logsink.LineWriter | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or process_metrics()
+        self.metrics.compile(config)
+        self.access_log = AccessLog(config.logging, self.metrics, log or logsink.STDOUT)
         self.inflight = InFlight()
         self._owns_store = store is None
         self.store = open_store(config.store) if store is None else store
@@ -56,7 +67,7 @@ class Runtime:
             (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
             for r in config.routes
         )
-        self.entry: Handler = tracing.stage(self._dispatch)
+        self.entry: Handler = tracing.stage(self.access_log.stage(self._dispatch))
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
@@ -238,6 +249,10 @@ class DataPlane:
             response.force_close()
         return response
 
+    def rejected(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Log and count a request the HTTP parser refused before the pipeline ran."""
+        self.runtime.access_log.rejected(request, response)
+
 
 async def _admin_post_only(request: web.Request) -> web.Response:
     """Every /admin/* path changes state: POST only (405 otherwise), unknown ones 404."""
@@ -249,12 +264,15 @@ async def _admin_post_only(request: web.Request) -> web.Response:
 
 
 def admin_app(
-    probes: Mapping[str, AdminHandler], actions: Mapping[str, AdminHandler]
+    probes: Mapping[str, AdminHandler],
+    actions: Mapping[str, AdminHandler],
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The admin port: probes (GET) and /admin/* actions (POST)."""
+    """The admin port: probes and /metrics (GET) and /admin/* actions (POST)."""
     app = web.Application()
     for path, probe in probes.items():
         app.router.add_get(path, probe)
+    app.router.add_get("/metrics", (metrics or process_metrics()).handle)
     for path, action in actions.items():
         app.router.add_post(path, action)
     app.router.add_route("*", "/admin/{tail:.*}", _admin_post_only)

@@ -358,6 +358,8 @@ class Logging(Model):
     access_log: bool = True
     hash_salt: str = ""
     query_allowlist: list[str] = Field(default_factory=list)
+    # Log lines waiting for a slow stdout beyond this are dropped (idemproxy_log_dropped_total).
+    buffer_size: Size = 1024 * 1024
 
 
 class Shutdown(Model):

@@ -35,6 +35,8 @@ class RequestContext:
     span_id: str = ""
     trace_flags: str = "01"
     tracestate: str | None = None
+    # Names of incoming trace headers that were invalid and replaced (for the access log).
+    trace_replaced: list[str] | None = None
     route: Route | None = None
     # Set by idempotency when the request body was read up front to fingerprint it.
     body: bytes | None = None

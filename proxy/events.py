@@ -1,25 +1,48 @@
-"""Proxy events (start, drain, reload, dependency changes) as JSON lines on stdout.
+"""Proxy events (start, drain, reload, store errors, ...) as JSON lines on the log sink.
 
-A stand-in until the observability branch's event logger lands: same shape (`timestamp`,
-`level`, `event`, then the event's fields), one `write` per line.
+Same shape as the access log: `timestamp`, `level`, `event`, then the event's fields. Lines below
+the configured `logging.level` are skipped.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
 import orjson
 
+from proxy import logsink
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_threshold = LEVELS["info"]
+_sink: logsink.LineWriter = logsink.STDOUT
+
+
+def configure(level: str, sink: logsink.LineWriter | None = None) -> None:
+    """Set the minimum level (`logging.level`) and, in tests, where lines go."""
+    global _threshold, _sink
+    _threshold = LEVELS[level]
+    if sink is not None:
+        _sink = sink
+
 
 def emit(event: str, level: str = "info", **fields: Any) -> None:
+    """Write one event line, e.g. `emit("config_reload", result="failure", error=[...])`."""
+    if LEVELS.get(level, 40) < _threshold:
+        return
     line = {"timestamp": iso_time(time.time()), "level": level, "event": event, **fields}
-    sys.stdout.buffer.write(orjson.dumps(line, default=str) + b"\n")
-    sys.stdout.buffer.flush()
+    _sink.write(orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE), urgent=True)
+
+
+_second = -1
+_second_text = ""
 
 
 def iso_time(epoch: float) -> str:
-    """UTC ISO 8601 with milliseconds: 2026-01-17T03:36:48.250Z."""
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
-    return f"{whole}.{int(epoch % 1 * 1000):03d}Z"
+    """UTC ISO 8601 with milliseconds: 2026-01-17T03:36:48.250Z (the second part is cached)."""
+    global _second, _second_text
+    whole = int(epoch)
+    if whole != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = whole
+    return f"{_second_text}.{int((epoch - whole) * 1000):03d}Z"

@@ -177,6 +177,9 @@ class _Loop:
         await asyncio.wait({self.task})
 
 
+TargetHealth = Callable[[str, int, bool], None]
+
+
 class UpstreamCheck:
     """Active HTTP checks of every target of one upstream; up while any target passes."""
 
@@ -186,8 +189,10 @@ class UpstreamCheck:
         urls: list[str],
         config: HealthCheck,
         session: aiohttp.ClientSession,
+        on_target: TargetHealth | None = None,
     ) -> None:
         self.name = name
+        self._on_target = on_target
         self.identity = (tuple(urls), config)
         self.required = config.required
         self.targets = [url + config.path for url in urls]
@@ -209,6 +214,9 @@ class UpstreamCheck:
                 *(probe_http(self._session, url, self._timeout) for url in self.targets)
             )
         )
+        if self._on_target is not None:
+            for index, result in enumerate(self.results):
+                self._on_target(self.name, index, result is not None and result.status == "pass")
         now = self.up
         if was is not None and now != was:
             emit(
@@ -318,6 +326,8 @@ class HealthMonitor:
         # The main loop's heartbeat, for /live served from the admin thread.
         self.heartbeat = time.monotonic()
         self._heart: _Loop | None = None
+        # Told each target's check result, so routing can eject and restore targets.
+        self.on_target: TargetHealth | None = None
 
     def loop_turning(self) -> bool:
         return time.monotonic() - self.heartbeat < LOOP_STALLED
@@ -347,7 +357,7 @@ class HealthMonitor:
                 checks[name] = current
             else:
                 checks[name] = UpstreamCheck(
-                    name, upstream.target_urls, upstream.health, self._session
+                    name, upstream.target_urls, upstream.health, self._session, self.on_target
                 )
         self.upstreams = checks
         settings = config.health

@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.app import DataPlane, Runtime
 from proxy.config import Config, ConfigError, config_hash, load
+from proxy import events
 from proxy.events import emit
 from proxy.health import HealthMonitor, ReloadAttempt
 
@@ -67,6 +68,7 @@ class Reloader:
         async with self._lock:
             attempt = await self._attempt(trigger)
         self.monitor.reloads.record(attempt)
+        self.plane.runtime.metrics.count_reload(attempt.result)
         return attempt
 
     async def _attempt(self, trigger: str) -> ReloadAttempt:
@@ -81,7 +83,7 @@ class Reloader:
             if new_hash == old_hash:
                 emit("config_reload", trigger=trigger, result="unchanged", hash=old_hash)
                 return ReloadAttempt(time.time(), trigger, "unchanged", old_hash)
-            runtime = Runtime(config, running.store)
+            runtime = Runtime(config, running.store, previous=running, metrics=running.metrics)
         except Exception as exc:  # any failure before the swap leaves the running config alone
             error = exc.problems if isinstance(exc, ConfigError) else [repr(exc)]
             emit(
@@ -95,6 +97,7 @@ class Reloader:
             )
             return ReloadAttempt(time.time(), trigger, "failure", old_hash, error)
         self.plane.runtime = runtime
+        events.configure(config.logging.level)
         await self.monitor.attach(config, runtime.store)
         self._retire(running)
         emit("config_reload", trigger=trigger, result="success", old_hash=old_hash, hash=new_hash)

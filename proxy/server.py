@@ -10,9 +10,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import health, reload, tracing
+from proxy import events, health, logsink, reload, tracing
 from proxy.admin_thread import AdminThread
 from proxy.app import DataPlane, Runtime, admin_app
+from proxy.breaker import STATE_VALUES
 from proxy.config import Config, config_hash
 from proxy.events import emit
 from proxy.health import HealthMonitor
@@ -24,6 +25,8 @@ from proxy.stores import Store, StoreError, open_store
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
 MAX_HEADERS = 128
+# At exit, how long buffered log lines may take to reach a slow stdout before they are dropped.
+FLUSH_TIMEOUT = 2.0
 # After an early answer (413, 408) aiohttp drains the unread body this long before closing;
 # its default of 10s would let a slow client hold the connection well past the body deadline.
 LINGERING_TIME = 1.0
@@ -57,7 +60,11 @@ class _ProtocolHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status == 400 and request.writer.output_size == 0:
-            return parse_error_response(exc)
+            response = parse_error_response(exc)
+            plane = self._manager.request_handler if self._manager is not None else None
+            if isinstance(plane, DataPlane):
+                plane.rejected(request, response)
+            return response
         return super().handle_error(request, status, exc, message)
 
 
@@ -118,10 +125,28 @@ async def serve(config: Config, path: str) -> None:
     SIGHUP, POST /admin/reload and changes of the file at `path` reload the config; the one
     idempotency store outlives reloads.
     """
+    logsink.STDOUT.limit = config.logging.buffer_size
+    events.configure(config.logging.level)
     store = open_store(config.store)
     await check_store(store)
     plane = DataPlane(Runtime(config, store))
     monitor = HealthMonitor()
+
+    def target_health(upstream: str, index: int, healthy: bool) -> None:
+        current = plane.runtime.upstreams.get(upstream)  # a reload may have dropped it
+        if current is not None and index < len(current.targets):
+            current.set_target_healthy(index, healthy)
+
+    def circuit_states() -> list[tuple[str, str, float]]:
+        return [
+            (name, url, STATE_VALUES[state])
+            for name, upstream in list(plane.runtime.upstreams.items())
+            for url, state in upstream.circuit_states()
+        ]
+
+    monitor.on_target = target_health
+    plane.runtime.metrics.upstream_up = monitor.upstream_up
+    plane.runtime.metrics.circuit_states = circuit_states
     await monitor.attach(config, store)
     plane.probes = health.probes(monitor)
     reloader = Reloader(path, plane, monitor)
@@ -129,7 +154,9 @@ async def serve(config: Config, path: str) -> None:
     server = data_server(plane, config)
     data_runner = web.ServerRunner(server, handle_signals=False)
     admin = AdminThread(
-        admin_app(plane.probes, lifecycle.actions()), config.admin.host, config.admin.port
+        admin_app(plane.probes, lifecycle.actions(), plane.runtime.metrics),
+        config.admin.host,
+        config.admin.port,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -145,6 +172,13 @@ async def serve(config: Config, path: str) -> None:
         await admin.start()
         if config.reload.watch:
             watcher = asyncio.create_task(_watch(config, Path(path), reloader))
+        if not config.logging.hash_salt:
+            emit(
+                "hash_salt_random",
+                "warning",
+                detail="logging.hash_salt is empty: user.hash and idempotency.key_hash use a "
+                "random per-process salt and cannot be correlated across replicas or restarts",
+            )
         emit(
             "started", hash=config_hash(config), listen=config.listen.port, admin=config.admin.port
         )
@@ -160,6 +194,7 @@ async def serve(config: Config, path: str) -> None:
         await admin.stop()
         await store.close()
         emit("stopped")
+        logsink.STDOUT.flush(FLUSH_TIMEOUT)
 
 
 async def _watch(config: Config, path: Path, reloader: Reloader) -> None:

@@ -1,9 +1,16 @@
-"""Stage: take or mint the W3C trace id, and hand the upstream a child traceparent."""
+"""Stage: take or mint the W3C trace id, and hand the upstream a child traceparent.
+
+Precedence: a valid `traceparent`, else a valid `X-Trace-Id` (32 lowercase hex, or a UUID that
+is normalised to it), else a new id. Invalid trace headers are never passed on; their names are
+recorded in `ctx.trace_replaced` for the access log. Every response not yet sent gets
+`X-Trace-Id`.
+"""
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -12,16 +19,24 @@ from proxy.context import Handler, RequestContext
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# W3C list member: key (simple or tenant@system) "=" value (printable ASCII, no ',' or '=').
+_TRACESTATE_MEMBER = re.compile(
+    r"^[ \t]*(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e][ \t]*$"
+)
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+# Flags defined so far: 0x01 sampled, 0x02 random trace id; the rest must be sent as zero.
+_KNOWN_FLAGS = 0x03
 MAX_TRACESTATE = 512
+MAX_TRACESTATE_MEMBERS = 32
 
 
 def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
     """(trace_id, parent_id, flags) from a valid version-00 traceparent, else None."""
     if not value:
         return None
-    match = _TRACEPARENT.match(value.strip())
+    match = _TRACEPARENT.match(value.strip(" \t"))
     if not match or match[1] == _ZERO_TRACE or match[2] == _ZERO_SPAN:
         return None
     return match[1], match[2], match[3]
@@ -31,12 +46,33 @@ def parse_trace_id(value: str | None) -> str | None:
     """A 32-lowercase-hex trace id from X-Trace-Id; UUID form is accepted and normalised."""
     if not value:
         return None
-    value = value.strip()
+    value = value.strip(" \t")
     if _UUID.match(value):
         value = value.replace("-", "").lower()
     if not _HEX32.match(value) or value == _ZERO_TRACE:
         return None
     return value
+
+
+def parse_tracestate(values: Sequence[str]) -> str | None:
+    """The combined tracestate when every member is well formed and it is within the limits.
+
+    Multiple header fields combine into one list (RFC 9110); empty members are allowed.
+    """
+    combined = ",".join(values)
+    if len(combined) > MAX_TRACESTATE:
+        return None
+    members = [m for m in combined.split(",") if m.strip(" \t")]
+    if not members or len(members) > MAX_TRACESTATE_MEMBERS:
+        return None
+    if not all(_TRACESTATE_MEMBER.match(m) for m in members):
+        return None
+    return ",".join(m.strip(" \t") for m in members)
+
+
+def propagated_flags(flags: str) -> str:
+    """The flags to send on: sampled and random kept, bits not defined yet cleared (W3C)."""
+    return f"{int(flags, 16) & _KNOWN_FLAGS:02x}"
 
 
 def new_trace_id() -> str:
@@ -50,20 +86,42 @@ def new_span_id() -> str:
 def stage(next_handler: Handler) -> Handler:
     async def handle(ctx: RequestContext) -> web.StreamResponse:
         headers = ctx.request.headers
-        parent = parse_traceparent(headers.get("traceparent"))
+        replaced: list[str] = []
+        raw_parent = headers.get("traceparent")
+        raw_id = headers.get("X-Trace-Id")
+        parent = parse_traceparent(raw_parent)
         if parent is not None:
-            ctx.trace_id, _, ctx.trace_flags = parent
-            tracestate = headers.get("tracestate")
-            if tracestate and len(tracestate) <= MAX_TRACESTATE:
-                ctx.tracestate = tracestate
+            ctx.trace_id, _, flags = parent
+            ctx.trace_flags = propagated_flags(flags)
+            if raw_id is not None and parse_trace_id(raw_id) != ctx.trace_id:
+                replaced.append("x-trace-id")
+            states = headers.getall("tracestate", ())
+            if states:
+                ctx.tracestate = parse_tracestate(states)
+                if ctx.tracestate is None:
+                    replaced.append("tracestate")
         else:
-            ctx.trace_id = parse_trace_id(headers.get("X-Trace-Id")) or new_trace_id()
+            if raw_parent is not None:
+                replaced.append("traceparent")
+            if "tracestate" in headers:
+                replaced.append("tracestate")
+            trace_id = parse_trace_id(raw_id)
+            if trace_id is None:
+                if raw_id is not None:
+                    replaced.append("x-trace-id")
+                trace_id = new_trace_id()
+            ctx.trace_id = trace_id
+        if replaced:
+            ctx.trace_replaced = replaced
         ctx.span_id = new_span_id()
         outgoing = ctx.upstream_headers
         outgoing.append(("X-Trace-Id", ctx.trace_id))
         outgoing.append(("traceparent", f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"))
         if ctx.tracestate is not None:
             outgoing.append(("tracestate", ctx.tracestate))
-        return await next_handler(ctx)
+        response = await next_handler(ctx)
+        if not response.prepared:
+            response.headers["X-Trace-Id"] = ctx.trace_id
+        return response
 
     return handle

@@ -1,0 +1,274 @@
+"""One Prometheus registry (not the library's global one) and the proxy's instruments.
+
+The request path only bumps plain numbers held in per-route objects (an attribute add and a
+bisect, no lock, no `.labels()`); the registry turns them into metric families when scraped,
+in a worker thread. Labels come only from bounded sets: route and upstream names from the
+config, a fixed method set (others count as `_OTHER`), status classes, idempotency outcomes,
+reload results. A config's series exist (at 0) from the moment it is compiled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from proxy import logsink
+from proxy.config import Config
+
+# OpenTelemetry's advisory buckets for http.server.request.duration, in seconds.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_BUCKET_LABELS = [*(repr(b) for b in BUCKETS), "+Inf"]
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+OTHER_METHOD = "_OTHER"
+# Series created up front for routes that accept any method.
+COMMON_METHODS = ("GET", "POST")
+OUTCOMES = ("miss", "replay", "conflict", "mismatch", "bypass", "indeterminate", "store_error")
+RELOAD_RESULTS = ("success", "failure", "unchanged")
+NO_ROUTE = ""
+"""`route` label of requests that matched no route (404, rejections before routing)."""
+
+
+class Cell:
+    """One counter or gauge value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class Histogram:
+    """One histogram series: per-bucket counts (made cumulative when scraped) and the sum."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total = 0
+        out: list[tuple[str, float]] = []
+        for label, count in zip(_BUCKET_LABELS, list(self.buckets), strict=True):
+            total += count
+            out.append((label, total))
+        return out
+
+
+class RouteMetrics:
+    """The series of one route, so a request costs a dict lookup and a few additions."""
+
+    __slots__ = ("_idempotency", "_metrics", "_requests", "duration", "name")
+
+    def __init__(self, metrics: Metrics, name: str, methods: Iterable[str], idempotent: bool):
+        self.name = name
+        self._metrics = metrics
+        self._requests: dict[tuple[str, int], Cell] = {}
+        self._idempotency: dict[str, Cell] = {}
+        self.duration = metrics.request_duration.setdefault(name, Histogram())
+        for method in methods:
+            for status_class in range(2, 6):
+                self._request_cell(method, status_class)
+        if idempotent:
+            for outcome in OUTCOMES:
+                self._idempotency_cell(outcome)
+
+    def request(self, method: str, status: int, seconds: float) -> None:
+        if method not in METHODS:
+            method = OTHER_METHOD
+        key = (method, status // 100)
+        cell = self._requests.get(key)
+        if cell is None:
+            cell = self._request_cell(method, key[1])
+        cell.value += 1
+        self.duration.observe(seconds)
+
+    def idempotency(self, outcome: str) -> None:
+        cell = self._idempotency.get(outcome)
+        if cell is None:
+            if outcome not in OUTCOMES:
+                return
+            cell = self._idempotency_cell(outcome)
+        cell.value += 1
+
+    def _request_cell(self, method: str, status_class: int) -> Cell:
+        key = (self.name, method, f"{status_class}xx")
+        cell = self._requests[(method, status_class)] = self._metrics.requests.setdefault(
+            key, Cell()
+        )
+        return cell
+
+    def _idempotency_cell(self, outcome: str) -> Cell:
+        cell = self._idempotency[outcome] = self._metrics.idempotency.setdefault(
+            (self.name, outcome), Cell()
+        )
+        return cell
+
+
+class Metrics:
+    """The instruments of one process (they survive config reloads) and their registry."""
+
+    def __init__(self, dropped: Callable[[], int] = lambda: 0) -> None:
+        self.requests: dict[tuple[str, str, str], Cell] = {}
+        self.request_duration: dict[str, Histogram] = {}
+        self.upstream_duration: dict[str, Histogram] = {}
+        self.idempotency: dict[tuple[str, str], Cell] = {}
+        self.store_errors = Cell()
+        self.inflight = Cell()
+        self.config_reloads = {result: Cell() for result in RELOAD_RESULTS}
+        self._dropped = dropped
+        # Live views the server plugs in: upstream name -> health, and
+        # (upstream, target url, 0 closed | 1 open | 2 half-open) per circuit.
+        self.upstream_up: Callable[[], dict[str, bool]] = dict
+        self.circuit_states: Callable[[], list[tuple[str, str, float]]] = list
+        self.routes: dict[str, RouteMetrics] = {}
+        self.unrouted = RouteMetrics(self, NO_ROUTE, (), idempotent=False)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def compile(self, config: Config) -> None:
+        """Create the series of the config's routes and upstreams (kept across reloads)."""
+        for route in config.routes:
+            if route.name not in self.routes:
+                self.routes[route.name] = RouteMetrics(
+                    self,
+                    route.name,
+                    route.match.methods or COMMON_METHODS,
+                    route.idempotency.enabled,
+                )
+        for name in config.upstreams:
+            self.upstream(name)
+
+    def route(self, name: str | None) -> RouteMetrics:
+        if name is None:
+            return self.unrouted
+        metrics = self.routes.get(name)
+        if metrics is None:
+            metrics = self.routes[name] = RouteMetrics(self, name, (), idempotent=False)
+        return metrics
+
+    def upstream(self, name: str) -> Histogram:
+        histogram = self.upstream_duration.get(name)
+        if histogram is None:
+            histogram = self.upstream_duration[name] = Histogram()
+        return histogram
+
+    def count_reload(self, result: str) -> None:
+        """Hook for the reloader: one call per attempt (`success`, `failure`, `unchanged`)."""
+        cell = self.config_reloads.get(result)
+        if cell is not None:
+            cell.value += 1
+
+    def collect(self) -> Iterator[Metric]:
+        """The registry's view; runs in a worker thread, so dicts are copied before iterating."""
+        yield _counters(
+            "idemproxy_requests",
+            "Requests answered, by route, method and status class.",
+            ["route", "method", "status_class"],
+            list(self.requests.items()),
+        )
+        yield _histograms(
+            "idemproxy_request_duration_seconds",
+            "Time from the request head to the response handed back, by route.",
+            "route",
+            self.request_duration,
+        )
+        yield _histograms(
+            "idemproxy_upstream_duration_seconds",
+            "Time until the upstream's response head, by upstream.",
+            "upstream",
+            self.upstream_duration,
+        )
+        yield _counters(
+            "idemproxy_idempotency",
+            "Idempotency decisions, by route and outcome.",
+            ["route", "outcome"],
+            list(self.idempotency.items()),
+        )
+        yield CounterMetricFamily(
+            "idemproxy_store_errors",
+            "Requests that met a store failure.",
+            value=self.store_errors.value,
+        )
+        yield GaugeMetricFamily(
+            "idemproxy_inflight_requests", "Requests in progress.", value=self.inflight.value
+        )
+        up = GaugeMetricFamily(
+            "idemproxy_upstream_up",
+            "1 while the upstream's active health check passes, by upstream.",
+            labels=["upstream"],
+        )
+        for name, healthy in list(self.upstream_up().items()):
+            up.add_metric([name], 1.0 if healthy else 0.0)
+        yield up
+        circuits = GaugeMetricFamily(
+            "idemproxy_circuit_state",
+            "Circuit breaker state per target: 0 closed, 1 open, 2 half-open.",
+            labels=["upstream", "target"],
+        )
+        for upstream, target, state in self.circuit_states():
+            circuits.add_metric([upstream, target], state)
+        yield circuits
+        yield _counters(
+            "idemproxy_config_reloads",
+            "Config reload attempts, by result.",
+            ["result"],
+            [((result,), cell) for result, cell in self.config_reloads.items()],
+        )
+        yield CounterMetricFamily(
+            "idemproxy_log_dropped",
+            "Log lines dropped because the log output could not keep up.",
+            value=self._dropped(),
+        )
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """GET /metrics: rendered in a worker thread so /live and the data plane stay prompt."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = await asyncio.to_thread(encoder, self.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _counters(
+    name: str, documentation: str, labels: list[str], cells: Iterable[tuple[Sequence[str], Cell]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, cell in cells:
+        family.add_metric(values, cell.value)
+    return family
+
+
+def _histograms(
+    name: str, documentation: str, label: str, series: dict[str, Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, histogram in list(series.items()):
+        family.add_metric([value], histogram.cumulative(), histogram.sum)
+    return family
+
+
+_process: Metrics | None = None
+
+
+def process_metrics() -> Metrics:
+    """The process's metrics, shared by every Runtime a reload builds (counters never reset)."""
+    global _process
+    if _process is None:
+        _process = Metrics(lambda: logsink.STDOUT.dropped)
+    return _process
