@@ -272,6 +272,10 @@ class Limits(Model):
     max_header_bytes: Size = 16 * 1024
     header_timeout: Duration = 10.0
     body_timeout: Duration = 30.0
+    # A client that accepts no response bytes for this long is disconnected (slow reader).
+    write_timeout: Duration = 30.0
+    # Open client connections on the data port; more are answered 503 and closed.
+    max_connections: int = Field(default=4096, ge=1)
 
 
 class Logging(Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -12,21 +13,25 @@ from aiohttp.web_protocol import RequestHandler
 from proxy import tracing
 from proxy.app import DataPlane, Runtime, admin_app
 from proxy.config import Config
-from proxy.problem import problem
+from proxy.problem import problem, problem_body
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
 MAX_HEADERS = 128
+# After an error answer with an unread body, the bytes still arriving are drained this long so
+# the client can read the answer; short, so a slow client cannot use it to stay connected.
+LINGERING_TIME = 1.0
 
 
 def parse_error_response(exc: BaseException | None) -> web.Response:
     """Problem+json for a request the HTTP parser rejected (it never reaches the pipeline)."""
     trace_id = tracing.new_trace_id()
     message = getattr(exc, "message", None) or str(exc or "malformed request")
-    if isinstance(exc, LineTooLong) and "status line" not in message.lower():
-        status, slug, title = 431, "headers-too-large", "Request headers too large"
-    elif isinstance(exc, LineTooLong):
+    if isinstance(exc, LineTooLong) and exc.args[1:2] == (MAX_REQUEST_LINE,):
+        # Both parsers name the limit they hit: the request line's, or a header field's.
         status, slug, title = 414, "uri-too-long", "Request line too long"
+    elif isinstance(exc, LineTooLong):
+        status, slug, title = 431, "headers-too-large", "Request headers too large"
     elif isinstance(exc, BadHttpMessage) and "too many headers" in message.lower():
         status, slug, title = 431, "headers-too-large", "Too many request headers"
     else:
@@ -49,11 +54,40 @@ class _ProtocolHandler(RequestHandler):
         return super().handle_error(request, status, exc, message)
 
 
+def over_capacity_response(max_connections: int) -> bytes:
+    """The whole 503 written to a connection beyond `limits.max_connections` before closing it."""
+    trace_id = tracing.new_trace_id()
+    body = problem_body(
+        503,
+        "too-many-connections",
+        "Too many connections",
+        f"the proxy serves at most {max_connections} connections",
+        trace_id,
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Trace-Id: {trace_id}\r\nRetry-After: 1\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class _Server(web.Server):
-    """aiohttp's low-level server with problem+json answers for parser rejections."""
+    """aiohttp's low-level server with problem+json answers for parser rejections and a cap on
+    open connections (asyncio cannot pause accepting, so the extra ones get a 503 and close)."""
+
+    def __init__(self, handler: DataPlane, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
 
     def __call__(self) -> RequestHandler:
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self._connections) > self.max_connections:
+            transport.write(over_capacity_response(self.max_connections))
+            transport.close()
 
 
 def data_server(plane: DataPlane, config: Config) -> web.Server:
@@ -62,8 +96,11 @@ def data_server(plane: DataPlane, config: Config) -> web.Server:
         plane,
         keepalive_timeout=limits.header_timeout,
         max_line_size=MAX_REQUEST_LINE,
-        max_field_size=limits.max_header_bytes,
+        # One more than the request line's limit at least, so a LineTooLong names which one hit.
+        max_field_size=max(limits.max_header_bytes, MAX_REQUEST_LINE + 1),
         max_headers=MAX_HEADERS,
+        max_connections=limits.max_connections,
+        lingering_time=LINGERING_TIME,
         auto_decompress=False,
         access_log=None,
     )
