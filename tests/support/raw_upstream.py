@@ -12,7 +12,7 @@ from tests.support.ports import wait_until
 
 # A script is either the raw bytes of a whole response (the connection stays open), or a
 # coroutine that writes what it likes; the connection is closed when it returns.
-Script = bytes | Callable[[asyncio.StreamWriter], Awaitable[None]]
+Script = bytes | Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -30,6 +30,17 @@ class RawRequest:
 
     def all(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+def stall_after(data: bytes) -> Script:
+    """A script that sends `data` and then nothing more until the proxy hangs up."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+        await reader.read()
+
+    return script
 
 
 class IncompleteRequest(Exception):
@@ -125,7 +136,7 @@ class RawUpstream:
                     writer.write(script)
                     await writer.drain()
                     continue
-                await script(writer)
+                await script(reader, writer)
                 return
         except (ConnectionError, asyncio.CancelledError):
             return
