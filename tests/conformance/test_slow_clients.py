@@ -57,7 +57,8 @@ def test_idle_connection_is_closed(stack: Stack) -> None:
 def test_slowloris_headers_are_cut_at_header_timeout(stack: Stack) -> None:
     before = stack.upstream.count
     with RawConnection(stack.port) as connection:
-        elapsed = trickle(connection, b"GET /slow HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 20, stack)
+        head = b"GET /slow HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 20
+        elapsed = trickle(connection, head, stack)
         assert connection.eof
     assert DEADLINE * 0.8 < elapsed < DEADLINE + SLACK
     assert [r.target for r in stack.upstream.requests[before:]] == ["/normal"]
