@@ -7,7 +7,14 @@ import signal
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import tracing
@@ -23,20 +30,43 @@ MAX_HEADERS = 128
 LINGERING_TIME = 1.0
 
 
+# Parser errors whose message is (or quotes) the request line or a header: named, not echoed.
+_QUOTING_ERRORS: dict[type[BadHttpMessage], str] = {
+    InvalidURLError: "invalid request target",
+    BadHttpMethod: "bad method in the request line",
+    BadStatusLine: "bad request line",
+    InvalidHeader: "invalid header",
+}
+
+
+def parser_reason(exc: BaseException | None, message: str) -> str:
+    """The parser's reason without the request bytes it quotes (they may hold credentials)."""
+    for kind, reason in _QUOTING_ERRORS.items():
+        if isinstance(exc, kind):
+            return reason
+    reason = message.strip().splitlines()[0] if message.strip() else ""
+    for quote in ("b'", 'b"', "bytearray("):
+        reason = reason.split(quote, 1)[0]
+    return reason.rstrip(" :") or "malformed request"
+
+
 def parse_error_response(exc: BaseException | None) -> web.Response:
     """Problem+json for a request the HTTP parser rejected (it never reaches the pipeline)."""
     trace_id = tracing.new_trace_id()
     message = getattr(exc, "message", None) or str(exc or "malformed request")
-    if isinstance(exc, LineTooLong) and exc.args[1:2] == (MAX_REQUEST_LINE,):
-        # Both parsers name the limit they hit: the request line's, or a header field's.
-        status, slug, title = 414, "uri-too-long", "Request line too long"
-    elif isinstance(exc, LineTooLong):
-        status, slug, title = 431, "headers-too-large", "Request headers too large"
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1]
+        message = f"a line of the request is longer than {limit} bytes"
+        if limit == MAX_REQUEST_LINE:
+            # Both parsers name the limit they hit: the request line's, or a header field's.
+            status, slug, title = 414, "uri-too-long", "Request line too long"
+        else:
+            status, slug, title = 431, "headers-too-large", "Request headers too large"
     elif isinstance(exc, BadHttpMessage) and "too many headers" in message.lower():
         status, slug, title = 431, "headers-too-large", "Too many request headers"
     else:
         status, slug, title = 400, "bad-request", "Malformed request"
-    response = problem(status, slug, title, message, trace_id)
+    response = problem(status, slug, title, parser_reason(exc, message), trace_id)
     response.force_close()
     return response
 

@@ -15,7 +15,7 @@ import pytest
 from tests.conformance.conftest import Stack
 from tests.support.raw_client import exchange
 from tests.support.raw_upstream import RawRequest
-from tests.support.secrets import AUTHORIZATION, QUERY, secret_headers
+from tests.support.secrets import AUTHORIZATION, QUERY, assert_no_secrets, secret_headers
 
 Check = Callable[[RawRequest], None]
 
@@ -237,6 +237,12 @@ CASES = [
     # secrets pass through to the upstream untouched (and never into the proxy's output)
     Case("secrets", b"GET /a?" + QUERY.encode() + b" HTTP/1.1\r\nHost: a\r\n" + secret_headers()
          + b"\r\n", 200, False, secrets_forwarded),
+    Case("secret-in-bad-line", b"GET /a HTTP/1.1\r\nHost: a\r\nAuthorization: "
+         + AUTHORIZATION.encode() + b"\x01\r\n\r\n", 400),
+    Case("secret-in-long-line", b"GET /a?" + QUERY.encode() + LONG + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+         414),
+    Case("secret-in-bad-target", b"GET /a?" + QUERY.encode() + b"\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
+         400),
     Case("secrets-rejected", b"GET /a?" + QUERY.encode() + b" HTTP/1.1\r\nHost: a\r\n"
          + secret_headers() + b"X_Bad: 1\r\n\r\n", 400),
 ]
@@ -255,6 +261,8 @@ def test_request_case(stack: Stack, case: Case) -> None:
         assert response.complete
         if status >= 400:
             assert len(response.problem()["trace_id"]) == 32
+        # Error details name the fault, never echo the request bytes that carried it.
+        assert_no_secrets(response.body.decode("latin-1"))
         if case.closed:
             assert connection.closed_within(3), "connection left open"
         else:
