@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterable, Awaitable
 
@@ -24,6 +26,7 @@ from proxy.upstreams import Upstream
 
 # Expect is answered by the proxy itself; the upstream never sees it.
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
 
 
 def handler(upstream: Upstream, limits: Limits, trusted: Networks) -> Handler:
@@ -143,6 +146,12 @@ async def _deliver(ctx: RequestContext, sending: Awaitable[object], limit: float
 
 
 def _abort(ctx: RequestContext) -> None:
+    """Reset the client connection now. Without SO_LINGER 0 the kernel would keep the socket
+    and its unsent megabytes alive for a slow reader, closing politely only once they drain."""
     transport = ctx.request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    transport.abort()
