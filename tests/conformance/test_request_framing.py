@@ -239,10 +239,10 @@ CASES = [
          + b"\r\n", 200, False, secrets_forwarded),
     Case("secret-in-bad-line", b"GET /a HTTP/1.1\r\nHost: a\r\nAuthorization: "
          + AUTHORIZATION.encode() + b"\x01\r\n\r\n", 400),
-    Case("secret-in-long-line", b"GET /a?" + QUERY.encode() + LONG + b" HTTP/1.1\r\nHost: a\r\n\r\n",
-         414),
-    Case("secret-in-bad-target", b"GET /a?" + QUERY.encode() + b"\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
-         400),
+    Case("secret-in-long-line",
+         b"GET /a?" + QUERY.encode() + LONG + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    Case("secret-in-bad-target",
+         b"GET /a?" + QUERY.encode() + b"\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     Case("secrets-rejected", b"GET /a?" + QUERY.encode() + b" HTTP/1.1\r\nHost: a\r\n"
          + secret_headers() + b"X_Bad: 1\r\n\r\n", 400),
 ]

@@ -45,6 +45,12 @@ SCRIPTS: dict[str, Script] = {
     ),
     "/redirect": b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/elsewhere\r\n"
                  b"Content-Length: 0\r\n\r\n",
+    "/obs-fold": head("X-A: b", " c", "Content-Length: 2", body=b"ok"),
+    "/bare-lf": b"HTTP/1.1 200 OK\nX-A: b\nContent-Length: 2\n\nok",
+    "/chunk-size-space": head("Transfer-Encoding: chunked", body=b"5 \r\nhello\r\n0\r\n\r\n"),
+    "/cl-short": head(
+        "Content-Length: 2", body=b"helloHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+    ),
     "/te-chunked-relayed": head("Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n"),
 }
 
@@ -138,3 +144,39 @@ def test_bad_answers_do_not_poison_the_pool(stack: Stack) -> None:
         exchange(stack.port, get(path), timeout=TIMEOUT + 3)[1].close()
     with RawConnection(stack.port) as connection:
         assert connection.still_serves()
+
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "body"),
+    [("/obs-fold", "b c", b"ok"), ("/bare-lf", "b", b"ok"), ("/chunk-size-space", None, b"hello")],
+)
+def test_lenient_upstream_syntax_is_reframed_clean(
+    stack: Stack, path: str, value: str | None, body: bytes
+) -> None:
+    """aiohttp's client parser tolerates these; what reaches the client is re-framed by the
+    proxy and single-line, so the leniency never turns into a malformed downstream message."""
+    response, connection = exchange(stack.port, get(path))
+    with connection:
+        assert response is not None
+        assert response.status == 200
+        assert response.complete
+        assert response.header("X-A") == value
+        assert response.body == body
+        assert connection.still_serves()
+
+
+def test_extra_bytes_after_the_body_never_answer_another_request(stack: Stack) -> None:
+    """Response splitting: bytes beyond Content-Length must not become the next response."""
+    response, connection = exchange(stack.port, get("/cl-short"))
+    with connection:
+        assert response is not None
+        if response.status == 502:
+            response.problem()
+        else:
+            assert (response.status, response.body) == (200, b"he")
+    for _ in range(3):
+        follow_up, connection = exchange(stack.port, get("/after"))
+        connection.close()
+        assert follow_up is not None
+        assert (follow_up.status, follow_up.body) == (200, b"ok")
