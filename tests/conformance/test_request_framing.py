@@ -170,6 +170,12 @@ CASES = [
     # 10. trailers are consumed, never forwarded
     Case("trailer-dropped", chunked(b"2\r\nab\r\n0\r\nX-Smuggled: 1\r\n\r\n"), 200, False,
          forwarded_body(b"ab")),
+    Case("many-trailers",
+         chunked(b"2\r\nab\r\n0\r\n" + b"".join(b"X-T%d: 1\r\n" % i for i in range(200))
+                 + b"\r\n"),
+         {"llhttp": 431, "python": 400}),
+    Case("huge-trailer", chunked(b"2\r\nab\r\n0\r\nX-T: " + LONG * 2 + b"\r\n\r\n"),
+         {"llhttp": 431, "python": 400}),
     # 11. Host
     Case("no-host", b"GET /a HTTP/1.1\r\n\r\n", 400),
     Case("two-hosts", b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
