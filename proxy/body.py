@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from aiohttp import web
-
 from proxy.context import RequestContext
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -40,10 +38,6 @@ class ClientGone(BodyError):
     error_type = "client_disconnect"
 
 
-def has_body(request: web.BaseRequest) -> bool:
-    return request.body_exists
-
-
 async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIterator[bytes]:
     """Yield the request body as it arrives; raise BodyError subclasses on limit or deadline.
 
@@ -61,7 +55,8 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
             async with asyncio.timeout_at(deadline):
                 chunk = await content.readany()
         except TimeoutError:
-            raise _fail(ctx, BodyTimeout(f"the request body did not arrive within {timeout:g}s"))
+            error = BodyTimeout(f"the request body did not arrive within {timeout:g}s")
+            raise _fail(ctx, error) from None
         except Exception as exc:
             transport = request.transport
             if transport is None or transport.is_closing():

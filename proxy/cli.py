@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -14,6 +16,7 @@ from proxy import __version__, server
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
+_PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +61,17 @@ def route_table(config: Config) -> str:
     )
 
 
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, with the store password and hash salt masked."""
+    data = config.model_dump(mode="json")
+    data["store"]["url"] = _PASSWORD.sub(r"\1***@", data["store"]["url"])
+    if data["logging"]["hash_salt"]:
+        data["logging"]["hash_salt"] = "***"
+    return data
+
+
 def check(config: Config) -> str:
-    effective = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    effective = yaml.safe_dump(redacted(config), sort_keys=False)
     return f"{effective}\n{route_table(config)}\n"
 
 

@@ -378,7 +378,8 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
         else:
             return None
     annotation = _unwrap(annotation)
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation if is_model else None
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -446,7 +447,7 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
 def loads(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Parse, expand and validate config text; `source` names it in error messages."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

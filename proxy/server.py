@@ -25,8 +25,8 @@ from proxy.problem import problem, problem_body
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
 MAX_HEADERS = 128
-# After an error answer with an unread body, the bytes still arriving are drained this long so
-# the client can read the answer; short, so a slow client cannot use it to stay connected.
+# After an early answer (413, 408) aiohttp drains the unread body this long before closing;
+# its default of 10s would let a slow client hold the connection well past the body deadline.
 LINGERING_TIME = 1.0
 
 

@@ -33,7 +33,7 @@ class ProxyTestServer(BaseTestServer):
 @pytest.fixture
 async def upstream(aiohttp_server: Any) -> RecordingUpstream:
     recording = RecordingUpstream()
-    server = await aiohttp_server(recording.app)
+    server = await aiohttp_server(recording.app, auto_decompress=False)
     recording.url = str(server.make_url("")).rstrip("/")
     return recording
 
