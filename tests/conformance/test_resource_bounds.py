@@ -4,6 +4,7 @@ size, bodies over the limit (declared and chunked), and compressed bodies relaye
 from __future__ import annotations
 
 import gzip
+import urllib.request
 
 from tests.conformance.conftest import Stack
 from tests.support.ports import wait_until
@@ -37,6 +38,8 @@ def test_connection_cap(stack: Stack) -> None:
             assert response.problem()["type"].endswith("too-many-connections")
             assert extra.closed_within(2)
         assert held[0].still_serves(), "connections under the cap keep working"
+        with urllib.request.urlopen(stack.proxy.admin_url + "/live", timeout=2) as live:
+            assert live.status == 200, "the admin port is not counted against the data port cap"
         held.pop().close()
         wait_until(lambda: served(stack), 5, "a connection accepted once one closed")
     finally:
