@@ -1,9 +1,9 @@
 """Request checks the HTTP parser leaves to the proxy: pure, cheap, run before routing.
 
 aiohttp rejects most malformed framing itself (400 and close, see server.parse_error_response),
-but the two parsers differ (the pure-Python one accepts `Transfer-Encoding: chunked, chunked`
-and HTTP/1.2; llhttp accepts HTTP/0.9 and HTTP/2.0 request lines), and
-neither cares about header names that some upstreams read as their dash-spelled twins.
+but its two parsers differ (the pure-Python one accepts `Transfer-Encoding: chunked, chunked`
+and HTTP/1.2; llhttp accepts HTTP/0.9 and HTTP/2.0 request lines), and neither minds header
+names that some upstreams read as their dash-spelled twins.
 """
 
 from __future__ import annotations
