@@ -14,6 +14,7 @@ from proxy import body
 from proxy.config import Limits
 from proxy.context import Handler, RequestContext
 from proxy.headers import (
+    SERVER,
     TRACE_CONTEXT,
     Networks,
     downstream_response_headers,
@@ -99,6 +100,7 @@ async def _relay(
     for name, value in relayed:
         response.headers.add(name, value)
     response.headers["X-Trace-Id"] = ctx.trace_id
+    response.headers.setdefault("Server", SERVER)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     ctx.status = upstream.status

@@ -48,6 +48,9 @@ TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "x-trace-id"})
 # Never replayed, even when a route lists them as extras: they describe the original exchange.
 NEVER_REPLAYED = HOP_BY_HOP | FRAMING | {"set-cookie", "date"}
 VIA = "1.1 idemproxy"
+# Replaces aiohttp's default `Server: Python/3.x aiohttp/3.y.z`, which tells an attacker which
+# advisories to try; an upstream's own Server header is relayed as it is.
+SERVER = "idemproxy"
 # RFC 9110 §5.5: field values never contain CTLs other than HTAB; names are tokens.
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

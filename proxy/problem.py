@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import orjson
 from aiohttp import web
 
+from proxy.headers import SERVER
+
 TYPE_PREFIX = "urn:idemproxy:problem:"
 
 
@@ -22,6 +24,7 @@ def problem(
     body = problem_body(status, slug, title, detail, trace_id)
     response = web.Response(status=status, body=body, content_type="application/problem+json")
     response.headers["X-Trace-Id"] = trace_id
+    response.headers["Server"] = SERVER
     for name, value in headers:
         response.headers[name] = value
     return response

@@ -267,6 +267,7 @@ def test_request_case(stack: Stack, case: Case) -> None:
         assert response.complete
         if status >= 400:
             assert len(response.problem()["trace_id"]) == 32
+        assert response.header("Server") == "idemproxy", "aiohttp's version is not advertised"
         # Error details name the fault, never echo the request bytes that carried it.
         assert_no_secrets(response.body.decode("latin-1"))
         if case.closed:
