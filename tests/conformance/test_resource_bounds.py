@@ -3,6 +3,7 @@ size, bodies over the limit (declared and chunked), and compressed bodies relaye
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import urllib.request
 
@@ -63,6 +64,24 @@ def test_pipelined_requests_are_answered_in_order(stack: Stack) -> None:
             assert response.header("X-Trace-Id") == trace_id
     targets = [r.target for r in stack.upstream.requests[before:]]
     assert targets == [f"/pipe/{i}" for i in range(count)]
+
+
+def test_pipelined_requests_behind_a_slow_one_keep_their_order(stack: Stack) -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        await writer.drain()
+
+    stack.upstream.scripts["/slow-first"] = slow
+    with RawConnection(stack.port) as connection:
+        connection.send(get("/slow-first") + b"".join(get(f"/after/{i}") for i in range(50)))
+        first = connection.read_response()
+        assert first is not None
+        assert first.body == b"slow"
+        for _ in range(50):
+            response = connection.read_response()
+            assert response is not None
+            assert response.body == b"ok"
 
 
 def test_126_header_fields_pass_and_arrive(stack: Stack) -> None:

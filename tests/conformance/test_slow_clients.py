@@ -64,6 +64,15 @@ def test_slowloris_headers_are_cut_at_header_timeout(stack: Stack) -> None:
     assert [r.target for r in stack.upstream.requests[before:]] == ["/normal"]
 
 
+def test_slowloris_on_a_kept_alive_connection(stack: Stack) -> None:
+    """After a first answered request, the next head gets the same deadline (the idle timer)."""
+    with RawConnection(stack.port) as connection:
+        assert connection.still_serves()
+        elapsed = trickle(connection, b"GET /second HTTP/1.1\r\nHost: a\r\n" + b"X-A: b\r\n" * 20, stack)
+        assert connection.eof
+    assert DEADLINE * 0.8 < elapsed < DEADLINE + SLACK
+
+
 def test_slow_body_gets_408_at_body_timeout(stack: Stack) -> None:
     before = stack.upstream.count
     stop = threading.Event()
