@@ -137,6 +137,7 @@ def _http_url(value: object) -> object:
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+Deadline = Annotated[Duration, Field(gt=0)]
 Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 Method = Annotated[str, BeforeValidator(_method)]
 HeaderName = Annotated[str, BeforeValidator(_header_name)]
@@ -271,10 +272,11 @@ class Route(Model):
 class Limits(Model):
     max_request_body: Size = 10 * 1024 * 1024
     max_header_bytes: Size = 16 * 1024
-    header_timeout: Duration = 10.0
-    body_timeout: Duration = 30.0
+    # Deadlines must be positive: 0 would switch aiohttp's header timer off, or cut every write.
+    header_timeout: Deadline = 10.0
+    body_timeout: Deadline = 30.0
     # A client that accepts no response bytes for this long is disconnected (slow reader).
-    write_timeout: Duration = 30.0
+    write_timeout: Deadline = 30.0
     # Open client connections on the data port; more are answered 503 and closed.
     max_connections: int = Field(default=4096, ge=1)
 
