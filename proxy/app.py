@@ -22,6 +22,7 @@ from proxy.idempotency.keys import KeyHasher
 from proxy.metrics import Metrics, process_metrics
 from proxy.problem import problem
 from proxy.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from proxy.request_checks import check_request
 from proxy.routing import RouteTable
 from proxy.stores import Store, open_store
 from proxy.upstreams import Upstream
@@ -120,16 +121,18 @@ class Runtime:
     async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
         limits = self.config.limits
-        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
-        if header_bytes > limits.max_header_bytes:
-            ctx.error_type = "request_headers_too_large"
+        path = request.rel_url.raw_path
+        rejection = check_request(
+            request.version,
+            path,
+            request.raw_headers,
+            request.headers.getall("Transfer-Encoding", ()),
+            limits.max_header_bytes,
+        )
+        if rejection is not None:
+            ctx.error_type = rejection.error_type
             response = problem(
-                431,
-                "headers-too-large",
-                "Request headers too large",
-                f"the request headers take {header_bytes} bytes; the limit is "
-                f"{limits.max_header_bytes}",
-                ctx.trace_id,
+                rejection.status, rejection.slug, rejection.title, rejection.detail, ctx.trace_id
             )
             response.force_close()
             return response
@@ -145,14 +148,14 @@ class Runtime:
             )
             response.force_close()
             return response
-        route = self.routes.match(request.rel_url.raw_path, request.method)
+        route = self.routes.match(path, request.method)
         if route is None:
             ctx.error_type = "no_route"
             return problem(
                 404,
                 "no-route",
                 "No route",
-                f"no route matches {request.method} {request.rel_url.raw_path}",
+                f"no route matches {request.method} {path}",
                 ctx.trace_id,
             )
         ctx.route = route.config

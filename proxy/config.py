@@ -8,7 +8,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -41,6 +41,7 @@ _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_PYDANTIC_STEP = re.compile(r"^[a-z][a-z-]*\[.*\]$")
 
 
 class ConfigError(Exception):
@@ -140,6 +141,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(for
 # For intervals and probe timeouts, where zero would mean a busy loop or a check that cannot pass.
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+Deadline = Annotated[Duration, Field(gt=0)]
 Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 Method = Annotated[str, BeforeValidator(_method)]
 HeaderName = Annotated[str, BeforeValidator(_header_name)]
@@ -349,8 +351,13 @@ class Route(Model):
 class Limits(Model):
     max_request_body: Size = 10 * 1024 * 1024
     max_header_bytes: Size = 16 * 1024
-    header_timeout: Duration = 10.0
-    body_timeout: Duration = 30.0
+    # Deadlines must be positive: 0 would switch aiohttp's header timer off, or cut every write.
+    header_timeout: Deadline = 10.0
+    body_timeout: Deadline = 30.0
+    # A client that accepts no response bytes for this long is disconnected (slow reader).
+    write_timeout: Deadline = 30.0
+    # Open client connections on the data port; more are answered 503 and closed.
+    max_connections: int = Field(default=4096, ge=1)
 
 
 class Logging(Model):
@@ -409,6 +416,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value, not a list or mapping",
+                key_node.start_mark,
+            )
         if key in mapping:
             line = key_node.start_mark.line + 1
             raise yaml.constructor.ConstructorError(
@@ -487,12 +499,14 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _describe(error: Any) -> str:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
+    # Drop pydantic's validator steps (`function-after[...]`), keep user keys such as `a[b`.
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _PYDANTIC_STEP.match(p)))
     if error["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        model = _model_at(loc[:-1])
-        hint = _did_you_mean(key, model.model_fields) if model else ""
-        return f"{format_path(loc)}: unknown key{hint}"
+        key = error["loc"][-1]  # the user's key, whatever it looks like
+        parent = loc[:-1] if loc and loc[-1] == key else loc
+        model = _model_at(parent)
+        hint = _did_you_mean(str(key), model.model_fields) if model else ""
+        return f"{format_path((*parent, key))}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{format_path(loc)}: required key is missing"
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -543,15 +557,19 @@ def parse(data: Any, env: Mapping[str, str] | None = None) -> Config:
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate a config file."""
-    text = read_text(path)
+    return loads(read_text(path), str(path), env)
+
+
+def loads(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+    """Parse, expand and validate config text; `source` names it in error messages."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
     return parse(data, env)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import socket
+import struct
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -11,17 +15,20 @@ from proxy import body
 from proxy.config import Limits
 from proxy.context import Exchange, Handler, Payload, RequestContext
 from proxy.headers import (
+    SERVER,
     TRACE_CONTEXT,
     Networks,
     downstream_response_headers,
+    response_head_problem,
     upstream_request_headers,
 )
 from proxy.problem import problem
-from proxy.transport import UpstreamError, UpstreamResponse
+from proxy.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 from proxy.upstreams import Upstream
 
 # Expect is answered by the proxy itself; the upstream never sees it.
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
 
 
 def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchange) -> Handler:
@@ -55,7 +62,7 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             return _failed(ctx, exc)
         ctx.upstream_duration = time.perf_counter() - started
         ctx.upstream_outcome = "answered"
-        return await _relay(ctx, response)
+        return await _relay(ctx, response, limits.write_timeout)
 
     return forward
 
@@ -78,7 +85,21 @@ def body_problem(ctx: RequestContext, error: body.BodyError) -> web.Response:
     return response
 
 
-async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamResponse:
+async def _relay(
+    ctx: RequestContext, upstream: UpstreamResponse, write_timeout: float
+) -> web.StreamResponse:
+    bad_head = response_head_problem(upstream.headers)
+    chunks = upstream.chunks()
+    try:
+        # The first body bytes are read before any header goes out, so a malformed or stalled
+        # start of the body still gets a clean problem answer instead of a cut connection.
+        first = b"" if bad_head else await anext(chunks, b"")
+    except UpstreamError as exc:
+        upstream.release()
+        return _failed(ctx, exc)
+    if bad_head:
+        upstream.release()
+        return _failed(ctx, UpstreamBroken(f"upstream response rejected: {bad_head}"))
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     relayed = downstream_response_headers(upstream.headers)
     for name, value in relayed:
@@ -86,6 +107,7 @@ async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamR
     response.headers["X-Trace-Id"] = ctx.trace_id
     for name, value in ctx.response_headers:
         response.headers.add(name, value)
+    response.headers.setdefault("Server", SERVER)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     if ctx.close_connection:
@@ -94,18 +116,20 @@ async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamR
     tap = ctx.tap
     if tap is not None:
         tap.start(upstream.status, relayed)
-    writing = await _prepare(ctx, response)
+    writing = await _deliver(ctx, response.prepare(ctx.request), write_timeout)
     try:
-        async for chunk in upstream.chunks():
+        chunk = first
+        while chunk:
             ctx.response_body_size += len(chunk)
             if tap is not None:
                 tap.feed(chunk)
             if writing:
-                writing = await _write(ctx, response, chunk)
+                writing = await _deliver(ctx, response.write(chunk), write_timeout)
             if not writing and tap is None:
                 break
+            chunk = await anext(chunks, b"")
         if writing:
-            await response.write_eof()
+            await _deliver(ctx, response.write_eof(), write_timeout)
     except UpstreamError as exc:
         # Headers are out: the only honest signal left is to cut the client connection.
         ctx.upstream_outcome = "ambiguous"
@@ -116,18 +140,16 @@ async def _relay(ctx: RequestContext, upstream: UpstreamResponse) -> web.StreamR
     return response
 
 
-async def _prepare(ctx: RequestContext, response: web.StreamResponse) -> bool:
+async def _deliver(ctx: RequestContext, sending: Awaitable[object], limit: float) -> bool:
+    """Send to the client within `limit` seconds; a client that stops reading is cut off."""
     try:
-        await response.prepare(ctx.request)
-    except (ConnectionError, OSError):
+        async with asyncio.timeout(limit):
+            await sending
+    except TimeoutError:
         ctx.client_disconnected = True
+        ctx.error_type = "client_write_timeout"
+        _abort(ctx)
         return False
-    return True
-
-
-async def _write(ctx: RequestContext, response: web.StreamResponse, chunk: bytes) -> bool:
-    try:
-        await response.write(chunk)
     except (ConnectionError, OSError):
         ctx.client_disconnected = True
         return False
@@ -135,6 +157,12 @@ async def _write(ctx: RequestContext, response: web.StreamResponse, chunk: bytes
 
 
 def _abort(ctx: RequestContext) -> None:
+    """Reset the client connection now. Without SO_LINGER 0 the kernel would keep the socket
+    and its unsent megabytes alive for a slow reader, closing politely only once they drain."""
     transport = ctx.request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    transport.abort()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
@@ -47,6 +48,12 @@ TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "x-trace-id"})
 # Never replayed, even when a route lists them as extras: they describe the original exchange.
 NEVER_REPLAYED = HOP_BY_HOP | FRAMING | {"set-cookie", "date"}
 VIA = "1.1 idemproxy"
+# Replaces aiohttp's default `Server: Python/3.x aiohttp/3.y.z`, which tells an attacker which
+# advisories to try; an upstream's own Server header is relayed as it is.
+SERVER = "idemproxy"
+# RFC 9110 §5.5: field values never contain CTLs other than HTAB; names are tokens.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def connection_tokens(values: Iterable[str]) -> frozenset[str]:
@@ -133,3 +140,22 @@ def replay_headers(headers: Iterable[tuple[str, str]], extra: frozenset[str]) ->
     """The stored subset of a response's headers: the allow-list plus the route's extras."""
     allowed = (REPLAY_ALLOWED | extra) - NEVER_REPLAYED
     return [(k, v) for k, v in headers if k.lower() in allowed]
+
+
+def response_head_problem(headers: Iterable[tuple[str, str]]) -> str | None:
+    """Why an upstream response head must not be relayed (answer 502 instead), or None.
+
+    aiohttp's client parser is lenient (CTLs, obs-fold, Transfer-Encoding with Content-Length)
+    and its writer raises on CTLs only once the downstream response is half sent.
+    """
+    framing: set[str] = set()
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name):
+            return f"invalid header name {name!r}"
+        if _BAD_VALUE.search(value):
+            return f"control character in the value of {name!r}"
+        if (lowered := name.lower()) in FRAMING:
+            framing.add(lowered)
+    if framing == FRAMING:
+        return "both Transfer-Encoding and Content-Length (RFC 9112 §6.3: a smuggling signal)"
+    return None

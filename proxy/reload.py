@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from proxy import events
 from proxy.app import DataPlane, Runtime
 from proxy.config import Config, ConfigError, config_hash, load
-from proxy import events
 from proxy.events import emit
 from proxy.health import HealthMonitor, ReloadAttempt
 

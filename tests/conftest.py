@@ -16,6 +16,7 @@ from proxy.config import parse
 from proxy.server import data_server
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.redis_server import RedisServer
+from tests.support.secrets import assert_no_secrets
 from tests.support.upstream import RecordingUpstream
 
 
@@ -82,7 +83,8 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 @pytest.fixture
 def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Factory: start `idemproxy run` as a subprocess; all are stopped at teardown."""
+    """Factory: start `idemproxy run` as a subprocess; all are stopped at teardown, and their
+    whole output is scanned for secrets (no Authorization, cookie, raw key or query string)."""
     processes: list[ProxyProcess] = []
 
     def factory(config: dict[str, Any], env: dict[str, str] | None = None) -> ProxyProcess:
@@ -93,3 +95,5 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     yield factory
     for process in processes:
         process.stop()
+    for process in processes:
+        assert_no_secrets(process.stdout() + process.stderr())

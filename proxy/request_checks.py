@@ -1,0 +1,77 @@
+"""Request checks the HTTP parser leaves to the proxy: pure, cheap, run before routing.
+
+aiohttp rejects most malformed framing itself (400 and close, see server.parse_error_response),
+but its two parsers differ (the pure-Python one accepts `Transfer-Encoding: chunked, chunked`
+and HTTP/1.2; llhttp accepts HTTP/0.9 and HTTP/2.0 request lines), and neither minds header
+names that some upstreams read as their dash-spelled twins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
+
+
+class Rejection(NamedTuple):
+    status: int
+    slug: str
+    title: str
+    detail: str
+    error_type: str
+
+
+def check_request(
+    version: tuple[int, int],
+    path: str,
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    transfer_encodings: Sequence[str],
+    max_header_bytes: int,
+) -> Rejection | None:
+    """The first reason to refuse this request before it reaches any stage, or None.
+
+    `path` is the origin-form path the proxy will forward (the path of an absolute-form target).
+    """
+    if version not in SUPPORTED_VERSIONS:
+        return Rejection(
+            505, "http-version-not-supported", "HTTP version not supported",
+            f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", "bad_request",
+        )
+    if not path.startswith("/"):
+        return _bad(
+            "bad-request-target", "Bad request target",
+            "only origin-form (/path) and absolute-form targets are served; "
+            "CONNECT and asterisk-form are not",
+        )
+    size = 0
+    for name, value in raw_headers:
+        size += len(name) + len(value) + 4
+        if b"_" in name:
+            # Envoy's edge default: some upstreams (CGI, nginx, Django) read X_User as X-User.
+            return _bad(
+                "bad-header-name", "Bad header name",
+                f"header name {name.decode('latin-1')!r} contains an underscore",
+            )
+    if size > max_header_bytes:
+        return Rejection(
+            431, "headers-too-large", "Request headers too large",
+            f"the request headers take {size} bytes; the limit is {max_header_bytes}",
+            "request_headers_too_large",
+        )
+    if transfer_encodings and _codings(transfer_encodings) != ["chunked"]:
+        # RFC 9112 §6.1: chunked must be the final coding and appear once; the proxy forwards
+        # bodies as plain bytes, so any other coding would change their meaning upstream.
+        return _bad(
+            "bad-transfer-encoding", "Unsupported Transfer-Encoding",
+            f"Transfer-Encoding {', '.join(transfer_encodings)!r}; only 'chunked' is accepted",
+        )
+    return None
+
+
+def _codings(values: Sequence[str]) -> list[str]:
+    return [token.strip().lower() for value in values for token in value.split(",")]
+
+
+def _bad(slug: str, title: str, detail: str) -> Rejection:
+    return Rejection(400, slug, title, detail, "bad_request")

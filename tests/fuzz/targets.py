@@ -1,0 +1,108 @@
+"""Fuzz targets: bytes in, the documented outcome or an AssertionError out.
+
+Shared by the atheris harness (`python -m tests.fuzz.run`), the corpus replay in the normal test
+run, and the hypothesis properties. No atheris import here, so pytest needs only the stdlib.
+TODO(idem): add the Idempotency-Key parser once branch `idem` lands it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from ipaddress import ip_network
+
+from proxy import headers, tracing
+from proxy.config import ConfigError, loads
+from proxy.request_checks import check_request
+
+_HEX = re.compile(r"[0-9a-f]+")
+TRUSTED = [ip_network("10.0.0.0/8"), ip_network("::1/128")]
+
+
+def _is_id(value: str, length: int) -> bool:
+    return len(value) == length and bool(_HEX.fullmatch(value)) and value != "0" * length
+
+
+def check_trace_values(text: str) -> None:
+    parsed = tracing.parse_traceparent(text)
+    if parsed is not None:
+        trace_id, parent_id, flags = parsed
+        assert _is_id(trace_id, 32)
+        assert _is_id(parent_id, 16)
+        assert len(flags) == 2
+        assert _HEX.fullmatch(flags)
+    trace_id = tracing.parse_trace_id(text)
+    if trace_id is not None:
+        assert _is_id(trace_id, 32)
+
+
+def traceparent(data: bytes) -> None:
+    check_trace_values(data.decode("utf-8", "replace"))
+
+
+def check_header_filters(peer: str, items: list[tuple[str, str]]) -> None:
+    """The filter invariants for any header list and peer address."""
+    listed = headers.connection_tokens(v for k, v in items if k.lower() == "connection")
+    stripped = headers.strip_hop_by_hop(items)
+    for name, _ in stripped:
+        lowered = name.lower()
+        assert lowered not in headers.HOP_BY_HOP
+        assert lowered not in headers.FRAMING
+        assert lowered not in listed
+    assert [pair for pair in items if pair in stripped] == stripped  # order kept, nothing added
+
+    upstream = headers.upstream_request_headers(
+        items, peer=peer, host="h", trusted=TRUSTED, drop=headers.TRACE_CONTEXT
+    )
+    names = [k.lower() for k, _ in upstream]
+    assert names.count("x-forwarded-for") == 1
+    assert names.count("via") == 1
+    assert "host" not in names
+    assert not set(names) & (headers.HOP_BY_HOP | headers.FRAMING | headers.TRACE_CONTEXT)
+    if not headers.is_trusted(peer, TRUSTED):
+        assert dict(upstream)["X-Forwarded-For"] == peer
+        assert "forwarded" not in names
+        assert "x-real-ip" not in names
+
+    downstream = headers.downstream_response_headers(items)
+    assert not {k.lower() for k, _ in downstream} & (headers.HOP_BY_HOP | headers.FRAMING)
+
+    problem = headers.response_head_problem(items)
+    if problem is None:
+        assert all("\r" not in v and "\n" not in v and "\x00" not in v for _, v in items)
+
+    forwarded = [v for k, v in items if k.lower() == "x-forwarded-for"]
+    address = headers.client_address(peer, forwarded, TRUSTED)
+    assert address == peer or any(address in v for v in forwarded)
+
+    raw = [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in items]
+    encodings = [v for k, v in items if k.lower() == "transfer-encoding"]
+    rejection = check_request((1, 1), "/" + peer, raw, encodings, 16 * 1024)
+    if rejection is None and encodings:
+        assert [t.strip().lower() for v in encodings for t in v.split(",")] == ["chunked"]
+
+
+def header_filter(data: bytes) -> None:
+    """First line: the peer address; every further line `name:value`."""
+    lines = data.decode("latin-1").split("\n")
+    items = [(k, v) for k, _, v in (line.partition(":") for line in lines[1:])]
+    check_header_filters(lines[0], items)
+
+
+def config(data: bytes) -> None:
+    """Any text: a Config or a ConfigError whose every line names a path; nothing else."""
+    try:
+        loads(data.decode("utf-8", "replace"), "fuzz.yaml", env={})
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        return
+    assert problems
+    assert all(isinstance(p, str) and p for p in problems)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "traceparent": traceparent,
+    "header_filter": header_filter,
+    "config": config,
+}
