@@ -1,0 +1,1 @@
+"""The idemproxy benchmark: `python -m bench`."""
