@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from proxy.config import Upstream as UpstreamConfig
 from proxy.transport import AiohttpTransport, Transport
+from proxy.transport_h1 import H1Transport
+
+TRANSPORTS: dict[str, type[AiohttpTransport] | type[H1Transport]] = {
+    "h1": H1Transport,
+    "aiohttp": AiohttpTransport,
+}
 
 
 class Upstream:
@@ -14,8 +20,9 @@ class Upstream:
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
         self.config = config
+        kind = TRANSPORTS[config.transport]
         self.transports: list[Transport] = [
-            AiohttpTransport(
+            kind(
                 url,
                 connect_timeout=config.connect_timeout,
                 timeout=config.timeout,
