@@ -184,25 +184,16 @@ class _Connection(asyncio.Protocol):
         self.error = None
         self.head = self.loop.create_future()
 
-    async def send(
-        self, head: bytes, body: bytes | AsyncIterable[bytes] | None, length: int | None
-    ) -> None:
-        """Write the request; return once the response head is in."""
-        assert self.transport is not None and self.head is not None
-        if body is None or isinstance(body, bytes):
-            self.transport.write(head + body if body else head)
-            self.sent_all = True
-        else:
-            self.transport.write(head)
-            await self._stream(body, length)
-        if not self.head.done():
-            await self.head
-        else:
-            self.head.result()
+    def write(self, head: bytes, body: bytes | None) -> None:
+        assert self.transport is not None
+        self.transport.write(head + body if body else head)
+        self.sent_all = True
 
-    async def _stream(self, body: AsyncIterable[bytes], length: int | None) -> None:
+    async def stream(self, head: bytes, body: AsyncIterable[bytes], length: int | None) -> None:
+        """Write the head, then the body as it comes (chunked unless `length` is declared)."""
         transport = self.transport
         assert transport is not None
+        transport.write(head)
         written = 0
         try:
             async for chunk in body:
@@ -345,7 +336,9 @@ class H1Transport:
         self._prefix = parts.path.rstrip("/")
         self._connect_timeout = connect_timeout
         self._timeout = timeout
-        self._slots = asyncio.Semaphore(max_connections)
+        self._max_connections = max_connections
+        self._active = 0  # exchanges holding a connection slot
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[_Connection] = []
         self._closed = False
 
@@ -356,60 +349,73 @@ class H1Transport:
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
     ) -> UpstreamResponse:
+        # Flat on purpose: every coroutine level between the handler and the awaited response
+        # head is resumed on each wake-up, so the exchange is not split into helpers.
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        await self._acquire_slot()
+        deadline = loop.time() + self._timeout
+        if self._active < self._max_connections:
+            self._active += 1
+        else:
+            await self._wait_for_slot(loop, deadline)
         try:
             head, length = self._encode(method, target, headers, body)
-            conn = self._idle_connection()
             replayable = body is None or isinstance(body, bytes)
-            if conn is None:
-                conn = await self._connect(loop)
-            try:
-                timer = await self._exchange(conn, started, method, head, body, length)
-            except _Stale:
-                if not replayable:
-                    raise UpstreamBroken(
-                        f"{self._base} closed a reused connection while the body streamed"
-                    ) from None
-                # The upstream closed an idle connection as we reused it: try once afresh.
-                conn = await self._connect(loop)
-                timer = await self._exchange(conn, started, method, head, body, length)
+            conn = self._idle_connection() or await self._connect(loop)
+            while True:
+                timer = loop.call_at(deadline, conn.timed_out, self._timeout)
+                conn.begin(method == "HEAD")
+                try:
+                    if body is None or isinstance(body, bytes):
+                        conn.write(head, body)
+                    else:
+                        await conn.stream(head, body, length)
+                    answered = conn.head
+                    assert answered is not None
+                    if not answered.done():
+                        await answered
+                    else:
+                        answered.result()
+                    return _Response(self, conn, timer)
+                except _Stale:
+                    _abandon(conn, timer)
+                    if not replayable:
+                        raise UpstreamBroken(
+                            f"{self._base} closed a reused connection while the body streamed"
+                        ) from None
+                    # The upstream closed an idle connection as we reused it: once afresh.
+                    conn = await self._connect(loop)
+                except BaseException:
+                    _abandon(conn, timer)
+                    raise
         except BaseException:
-            self._slots.release()
+            self._release_slot()
             raise
-        return _Response(self, conn, timer)
 
-    async def _exchange(
-        self,
-        conn: _Connection,
-        started: float,
-        method: str,
-        head: bytes,
-        body: bytes | AsyncIterable[bytes] | None,
-        length: int | None,
-    ) -> asyncio.TimerHandle:
-        timer = conn.loop.call_at(started + self._timeout, conn.timed_out, self._timeout)
-        conn.begin(method == "HEAD")
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
         try:
-            await conn.send(head, body, length)
-        except BaseException:
-            timer.cancel()
-            conn.end()
-            conn._close()
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot just as we gave up: pass it on
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamNotSent(
+                    f"no free connection to {self._base} within {self._timeout:g}s"
+                ) from None
             raise
-        return timer
 
-    async def _acquire_slot(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self._timeout)
-        except TimeoutError:
-            raise UpstreamNotSent(
-                f"no free connection to {self._base} within {self._timeout:g}s"
-            ) from None
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the next in line
+                return
+        self._active -= 1
 
     def _idle_connection(self) -> _Connection | None:
         idle = self._idle
@@ -479,10 +485,16 @@ class H1Transport:
             self._idle.append(conn)
         else:
             conn._close()
-        self._slots.release()
+        self._release_slot()
 
     async def close(self) -> None:
         self._closed = True
         for conn in self._idle:
             conn._close()
         self._idle.clear()
+
+
+def _abandon(conn: _Connection, timer: asyncio.TimerHandle) -> None:
+    timer.cancel()
+    conn.end()
+    conn._close()

@@ -344,6 +344,21 @@ async def test_pool_limit_waits_then_gives_up_before_sending(
     assert len(raw.requests) == 2
 
 
+async def test_a_released_slot_goes_to_the_waiting_request(
+    raw: RawUpstream, h1: MakeTransport
+) -> None:
+    raw.answer(OK_HELLO)
+    raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+    transport = h1(raw.url, max_connections=1)
+    held = await transport.send("GET", "/", [], None)
+    waiting = asyncio.create_task(transport.send("GET", "/", [], None))
+    await asyncio.sleep(0)  # let it queue for the slot
+    assert not waiting.done()
+    assert await read_all(held) == b"hello"
+    assert await read_all(await asyncio.wait_for(waiting, 2)) == b"next"
+    assert raw.connections == 1
+
+
 async def test_early_answer_stops_the_request_body(raw: RawUpstream, h1: MakeTransport) -> None:
     started = asyncio.Event()
 
