@@ -22,7 +22,16 @@ from typing import Any
 
 import orjson
 
-from bench.harness import REPO, Lab, Load, Service, idemproxy_config, measure, memory_kib
+from bench.harness import (
+    REPO,
+    Lab,
+    Load,
+    Service,
+    idemproxy_config,
+    measure,
+    memory_kib,
+    rss_with_connections,
+)
 from bench.report import markdown
 
 SUT_CPU, SIDE_CPU = 0, 1
@@ -52,7 +61,7 @@ def _transports() -> list[str]:
 
 
 def _has_idempotency_engine() -> bool:
-    return (REPO / "proxy" / "idempotency").is_dir() or (REPO / "proxy" / "idempotency.py").exists()
+    return any((REPO / "proxy").glob("idempotency*")) or (REPO / "proxy" / "stores").is_dir()
 
 
 def all_modes() -> list[Mode]:
@@ -100,16 +109,20 @@ def start_services(lab: Lab, modes: list[Mode]) -> dict[str, Service]:
     return services
 
 
-def prime(url: str) -> None:
-    """Complete the fixed-key record once, so the replay runs replay from the first request."""
-    request = urllib.request.Request(
-        url,
-        data=b'{"amount":1000,"currency":"EUR","note":"benchmark"}',
-        headers={"Content-Type": "application/json", "Idempotency-Key": "bench-fixed-key"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        response.read()
+def replays(url: str) -> bool:
+    """Complete the fixed-key record, and tell whether a retry is answered from the store."""
+    headers: dict[str, str] = {}
+    for _ in range(2):
+        request = urllib.request.Request(
+            url,
+            data=b'{"amount":1000,"currency":"EUR","note":"benchmark"}',
+            headers={"Content-Type": "application/json", "Idempotency-Key": "bench-fixed-key"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+            headers = dict(response.headers)
+    return headers.get("Idempotent-Replayed") == "true"
 
 
 def machine() -> dict[str, Any]:
@@ -135,14 +148,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not any(m.name == "direct" for m in modes):
         modes.insert(0, Mode("direct", "upstream"))
     samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in modes}
+    skipped: list[str] = []
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="idemproxy-bench-") as tmp:
         lab = Lab(Path(tmp), pin=not args.no_pin)
         try:
             services = start_services(lab, modes)
-            for mode in modes:
-                if mode.replay:
-                    prime(services[mode.service].url + mode.path)
+            for mode in [m for m in modes if m.replay]:
+                if not replays(services[mode.service].url + mode.path):
+                    skipped.append(f"{mode.service}: no idempotency engine answered a replay")
+                    modes = [m for m in modes if m.service != mode.service]
             for round_no in range(args.runs):
                 for mode in modes:
                     service = services[mode.service]
@@ -164,11 +179,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
+            held = {
+                name: rss_with_connections(s, args.hold)
+                for name, s in services.items()
+                if args.hold and name in {m.service for m in modes} - {"upstream"}
+            }
             peaks = {name: memory_kib(s.pid, "VmHWM") for name, s in services.items()}
             idle = {name: s.idle_rss_kib for name, s in services.items()}
         finally:
             lab.stop_all()
-    results = summarise(modes, samples, peaks, idle)
+    results = summarise(modes, samples, peaks, idle, held)
     return {
         "date": started.isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(sys.argv[1:]),
@@ -180,8 +200,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "paced_connections": args.paced,
             "paced_target_rps": 1000,
             "pinned": not args.no_pin,
+            "held_connections": args.hold,
         },
         "modes": results,
+        "skipped": skipped,
     }
 
 
@@ -194,6 +216,7 @@ def summarise(
     samples: dict[str, list[dict[str, Any]]],
     peaks: dict[str, int],
     idle: dict[str, int],
+    held: dict[str, int],
 ) -> list[dict[str, Any]]:
     rows = []
     for mode in modes:
@@ -206,6 +229,7 @@ def summarise(
             "cores_at_paced": _median([r["latency"]["cores"] for r in runs]),
             "idle_rss_mib": idle[mode.service] / 1024,
             "peak_rss_mib": peaks[mode.service] / 1024,
+            "held_rss_mib": held[mode.service] / 1024 if mode.service in held else None,
             "errors": sum(r["throughput"]["errors"] + r["latency"]["errors"] for r in runs),
             "runs": runs,
         }
@@ -236,13 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         default=50,
         help="latency run: N connections each pausing N ms between requests (~1,000 req/s)",
     )
+    parser.add_argument(
+        "--hold",
+        type=int,
+        default=1000,
+        help="after the runs, RSS of each proxy while this many client connections are open",
+    )
     parser.add_argument("--modes", default="", help="comma-separated mode names or prefixes")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for JSON and md")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.seconds, args.warmup = 1, 1, 0
+        args.runs, args.seconds, args.warmup, args.hold = 1, 1, 0, 50
     if not shutil.which("wrk"):
         print("bench: wrk is required (apt-get install wrk)", file=sys.stderr)
         return 2

@@ -276,3 +276,19 @@ def measure(service: Service, load: Load, client_cpu: int | None) -> dict[str, A
         "cores": used / seconds if seconds else 0.0,
         "errors": errors,
     }
+
+
+def rss_with_connections(service: Service, count: int) -> int:
+    """VmRSS (KiB) of `service` while `count` keep-alive clients each have made one request."""
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
+            sockets.append(sock)
+            sock.sendall(request)
+            sock.recv(65536)
+        return memory_kib(service.pid, "VmRSS")
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -18,6 +18,7 @@ COLUMNS = (
     ("paced req/s", "paced_rps", "{:,.0f}"),
     ("RSS idle MiB", "idle_rss_mib", "{:.1f}"),
     ("RSS peak MiB", "peak_rss_mib", "{:.1f}"),
+    ("RSS held conns MiB", "held_rss_mib", "{:.1f}"),
     ("errors", "errors", "{}"),
 )
 
@@ -32,12 +33,16 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Median of {params['runs']} rounds; throughput: wrk -t1 -c{params['connections']} "
         f"{params['seconds']} s closed loop; latency: {params['paced_connections']} connections "
-        f"paced to ~{params['paced_target_rps']} req/s, added over direct.",
+        f"paced to ~{params['paced_target_rps']} req/s, added over direct; RSS held: with "
+        f"{params['held_connections']} open client connections.",
         "",
         "| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
         "|" + "|".join("---" if key == "mode" else "---:" for _, key, _ in COLUMNS) + "|",
     ]
     for row in report["modes"]:
-        cells = [fmt.format(row[key]) if key in row else "" for _, key, fmt in COLUMNS]
+        cells = [
+            fmt.format(row[key]) if row.get(key) is not None else "" for _, key, fmt in COLUMNS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"\nSkipped: {reason}" for reason in report.get("skipped", [])]
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ def test_quick_run_reports_every_mode_with_ratios(tmp_path: Path) -> None:
     assert main(["--quick", "--modes", "direct,plain", "--out", str(tmp_path)]) == 0
 
     report = orjson.loads(next(tmp_path.glob("bench-*.json")).read_bytes())
-    assert {"date", "command", "machine", "parameters", "modes"} <= report.keys()
+    assert {"date", "command", "machine", "parameters", "modes", "skipped"} <= report.keys()
     rows = {row["mode"]: row for row in report["modes"]}
     assert set(rows) == {"direct", "plain"}
     for row in rows.values():
@@ -30,6 +30,7 @@ def test_quick_run_reports_every_mode_with_ratios(tmp_path: Path) -> None:
         assert row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
         for key in ("p50_added_ms", "p90_added_ms", "p99_added_ms", "cpu_s_per_1k", "x_plain"):
             assert isinstance(row[key], float)
+    assert rows["plain"]["held_rss_mib"] > 0  # measured with client connections held open
     assert rows["direct"]["x_direct"] == 1.0
     assert rows["direct"]["p50_added_ms"] == 0.0
     table = next(tmp_path.glob("bench-*.md")).read_text()
