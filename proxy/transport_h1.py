@@ -31,6 +31,9 @@ from proxy.transport import (
 # Buffered response bytes at which reading from the upstream pauses, and resumes.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# Idle connections older than this are closed rather than reused: upstream servers drop idle
+# keep-alive connections after a few seconds, and reusing one as it closes costs a retry.
+IDLE_TIMEOUT = 4.0
 # Methods that carry no body by convention: no `Content-Length: 0` when there is none.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
@@ -48,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.parser: httptools.HttpResponseParser | None = None
         self.reused = False
+        self.idle_since = 0.0
         self.head_only = False
         self.received = False
         self.status = 0
@@ -360,7 +364,7 @@ class H1Transport:
         try:
             head, length = self._encode(method, target, headers, body)
             replayable = body is None or isinstance(body, bytes)
-            conn = self._idle_connection() or await self._connect(loop)
+            conn = self._idle_connection(loop.time()) or await self._connect(loop)
             while True:
                 timer = loop.call_at(deadline, conn.timed_out, self._timeout)
                 conn.begin(method == "HEAD")
@@ -417,13 +421,14 @@ class H1Transport:
                 return
         self._active -= 1
 
-    def _idle_connection(self) -> _Connection | None:
+    def _idle_connection(self, now: float) -> _Connection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if not conn.closed and now - conn.idle_since < IDLE_TIMEOUT:
                 conn.reused = True
                 return conn
+            conn._close()
         return None
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
@@ -482,6 +487,7 @@ class H1Transport:
         reusable = conn.reusable
         conn.end()
         if reusable and not self._closed:
+            conn.idle_since = conn.loop.time()
             self._idle.append(conn)
         else:
             conn._close()

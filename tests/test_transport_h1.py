@@ -176,6 +176,18 @@ async def test_close_delimited_response_reads_to_eof(raw: RawUpstream, h1: MakeT
     assert raw.connections == 2
 
 
+async def test_long_idle_connection_is_not_reused(
+    raw: RawUpstream, h1: MakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.transport_h1.IDLE_TIMEOUT", 0.0)
+    raw.answer(OK_HELLO)
+    raw.answer(OK_HELLO)
+    transport = h1(raw.url)
+    await read_all(await transport.send("GET", "/", [], None))
+    await read_all(await transport.send("GET", "/", [], None))
+    assert raw.connections == 2
+
+
 @pytest.mark.parametrize(
     "head",
     [
