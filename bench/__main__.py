@@ -8,9 +8,11 @@ The server under test is pinned to CPU 0; upstream, Redis and wrk share CPU 1.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,17 +127,22 @@ def replays(url: str) -> bool:
     return headers.get("Idempotent-Replayed") == "true"
 
 
-def machine() -> dict[str, Any]:
+def machine(python: str) -> dict[str, Any]:
     model = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
     return {
-        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "cpus": len(os.sched_getaffinity(0)),
         "cpu_model": model,
         "kernel": platform.release(),
-        "python": platform.python_version(),
+        "python": subprocess.run(
+            [python, "-c", "import platform; print(platform.python_version())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip(),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     skipped: list[str] = []
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="idemproxy-bench-") as tmp:
-        lab = Lab(Path(tmp), pin=not args.no_pin)
+        lab = Lab(Path(tmp), pin=not args.no_pin, python=args.python)
         try:
             services = start_services(lab, modes)
             for mode in [m for m in modes if m.replay]:
@@ -186,13 +193,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             peaks = {name: memory_kib(s.pid, "VmHWM") for name, s in services.items()}
             idle = {name: s.idle_rss_kib for name, s in services.items()}
+            soaked = soak(services, modes, args.soak) if args.soak else None
         finally:
             lab.stop_all()
     results = summarise(modes, samples, peaks, idle, held)
     return {
         "date": started.isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine(args.python),
         "parameters": {
             "runs": args.runs,
             "seconds": args.seconds,
@@ -200,10 +208,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "paced_connections": args.paced,
             "paced_target_rps": 1000,
             "pinned": not args.no_pin,
+            "proxy_python": args.python,
             "held_connections": args.hold,
         },
         "modes": results,
         "skipped": skipped,
+        "soak": soaked,
+    }
+
+
+def soak(services: dict[str, Service], modes: list[Mode], seconds: int) -> dict[str, Any]:
+    """RSS growth of the first idemproxy under a long paced run at about 500 req/s."""
+    name = next(m.service for m in modes if m.service.startswith("idemproxy"))
+    service = services[name]
+    load = Load(service.url + "/", 25, seconds, delay_ms=50)
+    measure(service, Load(service.url + "/", 25, 10, delay_ms=50), SIDE_CPU)  # settle
+    before = memory_kib(service.pid, "VmRSS")
+    result = measure(service, load, SIDE_CPU)
+    after = memory_kib(service.pid, "VmRSS")
+    return {
+        "service": name,
+        "seconds": seconds,
+        "rps": result["rps"],
+        "rss_before_mib": before / 1024,
+        "rss_after_mib": after / 1024,
+        "growth_pct": (after - before) / before * 100,
+        "errors": result["errors"],
     }
 
 
@@ -266,8 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="after the runs, RSS of each proxy while this many client connections are open",
     )
+    parser.add_argument(
+        "--soak", type=int, default=0, help="then this many seconds at ~500 req/s: RSS growth"
+    )
     parser.add_argument("--modes", default="", help="comma-separated mode names or prefixes")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s")
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter for the Python proxies"
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for JSON and md")
     args = parser.parse_args(argv)

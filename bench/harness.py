@@ -89,6 +89,7 @@ class Lab:
 
     workdir: Path
     pin: bool = True
+    python: str = sys.executable  # the interpreter that runs the Python proxies
     services: list[Service] = field(default_factory=list)
 
     def _pinned(self, argv: list[str], cpu: int) -> list[str]:
@@ -179,7 +180,7 @@ http {{
 
     def plain_proxy(self, upstream: Service, cpu: int) -> Service:
         port = free_port()
-        argv = [sys.executable, "-m", "bench.plain_proxy", str(port), upstream.url]
+        argv = [self.python, "-m", "bench.plain_proxy", str(port), upstream.url]
         return self.start("plain", argv, port, cpu)
 
     def redis(self, cpu: int) -> Service:
@@ -194,7 +195,7 @@ http {{
     def idemproxy(self, name: str, config: dict[str, Any], cpu: int) -> Service:
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        argv = [sys.executable, "-m", "proxy", "run", "--config", str(path)]
+        argv = [self.python, "-m", "proxy", "run", "--config", str(path)]
         return self.start(name, argv, int(config["listen"]["port"]), cpu)
 
 

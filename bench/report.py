@@ -45,4 +45,11 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [f"\nSkipped: {reason}" for reason in report.get("skipped", [])]
+    soak = report.get("soak")
+    if soak:
+        lines.append(
+            f"\nSoak: {soak['service']} {soak['seconds']} s at {soak['rps']:.0f} req/s: RSS "
+            f"{soak['rss_before_mib']:.1f} -> {soak['rss_after_mib']:.1f} MiB "
+            f"({soak['growth_pct']:+.1f} %), {soak['errors']} errors"
+        )
     return "\n".join(lines) + "\n"
