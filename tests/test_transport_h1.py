@@ -127,6 +127,15 @@ async def test_failing_request_body_is_broken_not_not_sent(
     assert caught.value.sent
 
 
+async def test_header_bytes_that_are_not_utf8_pass_unchanged(
+    raw: RawUpstream, h1: MakeTransport
+) -> None:
+    # aiohttp's server hands them over as surrogate escapes; aiohttp's client drops them.
+    raw.answer(OK_HELLO)
+    await read_all(await h1(raw.url).send("GET", "/", [("User-Agent", "a\udcff\tz")], None))
+    assert b"\r\nUser-Agent: a\xff\tz\r\n" in raw.requests[0]
+
+
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
 async def test_cr_or_lf_in_a_header_is_never_sent(
     raw: RawUpstream, h1: MakeTransport, value: str
