@@ -34,6 +34,10 @@ LOW_WATER = 64 * 1024
 # Idle connections older than this are closed rather than reused: upstream servers drop idle
 # keep-alive connections after a few seconds, and reusing one as it closes costs a retry.
 IDLE_TIMEOUT = 4.0
+# RFC 9110 §9.2.2: requests with these methods may be resent automatically; so may any request
+# carrying an idempotency key, which the upstream deduplicates (the rule of Go's net/http).
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_KEY_HEADERS = frozenset({"idempotency-key", "x-idempotency-key"})
 # Methods that carry no body by convention: no `Content-Length: 0` when there is none.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
@@ -363,7 +367,6 @@ class H1Transport:
             await self._wait_for_slot(loop, deadline)
         try:
             head, length = self._encode(method, target, headers, body)
-            replayable = body is None or isinstance(body, bytes)
             conn = self._idle_connection(loop.time()) or await self._connect(loop)
             while True:
                 timer = loop.call_at(deadline, conn.timed_out, self._timeout)
@@ -381,12 +384,14 @@ class H1Transport:
                         answered.result()
                     return _Response(self, conn, timer)
                 except _Stale:
+                    # The upstream closed an idle connection as we reused it. It most likely
+                    # never read the request, but only a request that may run twice is resent.
                     _abandon(conn, timer)
-                    if not replayable:
+                    if not may_resend(method, headers, body):
                         raise UpstreamBroken(
-                            f"{self._base} closed a reused connection while the body streamed"
+                            f"{self._base} closed a reused connection before answering; "
+                            "not resent: the request is not idempotent"
                         ) from None
-                    # The upstream closed an idle connection as we reused it: once afresh.
                     conn = await self._connect(loop)
                 except BaseException:
                     _abandon(conn, timer)
@@ -504,3 +509,12 @@ def _abandon(conn: _Connection, timer: asyncio.TimerHandle) -> None:
     timer.cancel()
     conn.end()
     conn._close()
+
+
+def may_resend(method: str, headers: Headers, body: bytes | AsyncIterable[bytes] | None) -> bool:
+    """Whether a request whose connection failed before any answer may be sent again."""
+    if body is not None and not isinstance(body, bytes):
+        return False  # a streamed body is consumed
+    if method in _IDEMPOTENT_METHODS:
+        return True
+    return any(len(name) in (15, 17) and name.lower() in _KEY_HEADERS for name, _ in headers)
