@@ -296,6 +296,15 @@ async def test_close_mid_body_is_broken(raw: RawUpstream, h1: MakeTransport) -> 
 # --- stale connections, errors and timeouts ---------------------------------------------------
 
 
+async def with_stale_connection(raw: RawUpstream, h1: MakeTransport) -> H1Transport:
+    """A transport holding one kept-alive connection that the upstream drops at the next request."""
+    raw.answer(OK_HELLO)
+    raw.answer(CLOSE)
+    transport = h1(raw.url)
+    await read_all(await transport.send("GET", "/", [], None))
+    return transport
+
+
 @pytest.mark.parametrize(
     ("method", "headers"),
     [("PUT", []), ("DELETE", []), ("POST", [("Idempotency-Key", "k1")])],
@@ -304,11 +313,8 @@ async def test_close_mid_body_is_broken(raw: RawUpstream, h1: MakeTransport) -> 
 async def test_stale_reused_connection_is_resent_once_when_idempotent(
     raw: RawUpstream, h1: MakeTransport, method: str, headers: list[tuple[str, str]]
 ) -> None:
-    raw.answer(OK_HELLO)
-    raw.answer(CLOSE)  # the upstream drops the kept-alive connection as the request arrives
+    transport = await with_stale_connection(raw, h1)
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nagain")
-    transport = h1(raw.url)
-    await read_all(await transport.send("GET", "/", [], None))
     assert await read_all(await transport.send(method, "/", headers, b"two")) == b"again"
     assert raw.connections == 2
     assert [r.endswith(b"two") for r in raw.requests] == [False, True, True]
@@ -317,10 +323,7 @@ async def test_stale_reused_connection_is_resent_once_when_idempotent(
 async def test_stale_reused_connection_is_not_resent_for_a_plain_post(
     raw: RawUpstream, h1: MakeTransport
 ) -> None:
-    raw.answer(OK_HELLO)
-    raw.answer(CLOSE)
-    transport = h1(raw.url)
-    await read_all(await transport.send("GET", "/", [], None))
+    transport = await with_stale_connection(raw, h1)
     with pytest.raises(UpstreamBroken, match="not idempotent") as caught:
         await transport.send("POST", "/", [], b"pay")
     assert caught.value.sent  # it may have run: ambiguous, never silently repeated
@@ -330,10 +333,7 @@ async def test_stale_reused_connection_is_not_resent_for_a_plain_post(
 async def test_stale_reused_connection_with_a_streamed_body_is_not_resent(
     raw: RawUpstream, h1: MakeTransport
 ) -> None:
-    raw.answer(OK_HELLO)
-    raw.answer(CLOSE)
-    transport = h1(raw.url)
-    await read_all(await transport.send("GET", "/", [], None))
+    transport = await with_stale_connection(raw, h1)
     with pytest.raises(UpstreamBroken) as caught:
         await transport.send("PUT", "/", [("Idempotency-Key", "k")], parts(b"streamed"))
     assert caught.value.sent
