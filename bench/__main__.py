@@ -271,9 +271,14 @@ def summarise(
     for row in rows:
         for p in ("p50", "p90", "p99"):
             row[f"{p}_added_ms"] = row[f"{p}_ms"] - direct[f"{p}_ms"]
+        # Requests per CPU-second: throughput had the process a whole core to itself, which
+        # holds steady when other load on the machine steals time from the closed-loop runs.
+        row["rps_per_core"] = 1000 / row["cpu_s_per_1k"] if row["cpu_s_per_1k"] else None
         for ref in ("direct", "nginx", "plain"):
             if ref in by_name and by_name[ref]["rps"]:
                 row[f"x_{ref}"] = row["rps"] / by_name[ref]["rps"]
+        if "plain" in by_name and row["rps_per_core"] and by_name["plain"]["cpu_s_per_1k"]:
+            row["x_plain_per_core"] = row["rps_per_core"] * by_name["plain"]["cpu_s_per_1k"] / 1000
     return rows
 
 

@@ -10,6 +10,8 @@ COLUMNS = (
     ("x direct", "x_direct", "{:.2f}"),
     ("x nginx", "x_nginx", "{:.2f}"),
     ("x plain", "x_plain", "{:.2f}"),
+    ("req per CPU-s", "rps_per_core", "{:,.0f}"),
+    ("x plain per CPU-s", "x_plain_per_core", "{:.2f}"),
     ("+p50 ms", "p50_added_ms", "{:+.2f}"),
     ("+p90 ms", "p90_added_ms", "{:+.2f}"),
     ("+p99 ms", "p99_added_ms", "{:+.2f}"),

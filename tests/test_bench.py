@@ -28,7 +28,14 @@ def test_quick_run_reports_every_mode_with_ratios(tmp_path: Path) -> None:
         assert row["rps"] > 0
         assert row["errors"] == 0
         assert row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
-        for key in ("p50_added_ms", "p90_added_ms", "p99_added_ms", "cpu_s_per_1k", "x_plain"):
+        for key in (
+            "p50_added_ms",
+            "p90_added_ms",
+            "p99_added_ms",
+            "cpu_s_per_1k",
+            "x_plain",
+            "rps_per_core",
+        ):
             assert isinstance(row[key], float)
     assert rows["plain"]["held_rss_mib"] > 0  # measured with client connections held open
     assert rows["direct"]["x_direct"] == 1.0
