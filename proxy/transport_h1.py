@@ -145,6 +145,10 @@ class _Connection(asyncio.Protocol):
             if lowered == "content-length":
                 length = int(value)
             elif lowered == "transfer-encoding":
+                if value.rpartition(",")[2].strip().lower() != "chunked":
+                    # Only chunked is decoded; relaying other codings raw would corrupt the body.
+                    self._fail(UpstreamBroken(f"unsupported Transfer-Encoding {value!r}"))
+                    return
                 chunked = True
         self.content_length = None if chunked else length
         self.delimited = chunked or length is not None or status in (204, 304)

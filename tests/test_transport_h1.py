@@ -274,8 +274,25 @@ async def test_unread_body_closes_the_connection(raw: RawUpstream, h1: MakeTrans
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
     ],
-    ids=["garbage", "two-lengths", "bad-length", "bad-header"],
+    ids=[
+        "garbage",
+        "two-lengths",
+        "bad-length",
+        "bad-header",
+        "control-char",
+        "nul",
+        "obs-fold",
+        "te-and-cl",
+        "te-not-chunked",
+        "bare-lf",
+    ],
 )
 async def test_malformed_response_is_broken(
     raw: RawUpstream, h1: MakeTransport, data: bytes
