@@ -71,6 +71,7 @@ def all_modes() -> list[Mode]:
     if shutil.which("nginx"):
         modes.append(Mode("nginx", "nginx"))
     modes.append(Mode("plain", "plain"))
+    modes.append(Mode("floor", "floor"))
     transports = _transports()
     if transports:
         modes += [Mode(f"idemproxy-{t}", f"idemproxy-{t}") for t in transports]
@@ -92,7 +93,9 @@ def start_services(lab: Lab, modes: list[Mode]) -> dict[str, Service]:
         if name == "nginx":
             services[name] = lab.nginx_proxy(upstream, SUT_CPU)
         elif name == "plain":
-            services[name] = lab.plain_proxy(upstream, SUT_CPU)
+            services[name] = lab.python_proxy(name, "plain_proxy", upstream, SUT_CPU)
+        elif name == "floor":
+            services[name] = lab.python_proxy(name, "floor_proxy", upstream, SUT_CPU)
         elif name.startswith("idemproxy"):
             transport = name.partition("-")[2] or None
             services[name] = lab.idemproxy(

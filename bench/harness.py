@@ -178,10 +178,11 @@ http {{
             cpu,
         )
 
-    def plain_proxy(self, upstream: Service, cpu: int) -> Service:
+    def python_proxy(self, name: str, module: str, upstream: Service, cpu: int) -> Service:
+        """One of the reference proxies in bench/ (`plain_proxy`, `floor_proxy`)."""
         port = free_port()
-        argv = [self.python, "-m", "bench.plain_proxy", str(port), upstream.url]
-        return self.start("plain", argv, port, cpu)
+        argv = [self.python, "-m", f"bench.{module}", str(port), upstream.url]
+        return self.start(name, argv, port, cpu)
 
     def redis(self, cpu: int) -> Service:
         port = free_port()
