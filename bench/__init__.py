@@ -1,1 +1,0 @@
-"""The idemproxy benchmark: `python -m bench`."""

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.transport import AiohttpTransport, Transport
 from proxy.transport_h1 import H1Transport
-from tests.support.raw_upstream import RawUpstream
+from tests.support.scripted_upstream import RawUpstream
 from tests.support.upstream import RecordingUpstream
 
 KINDS: dict[str, Callable[..., Transport]] = {"aiohttp": AiohttpTransport, "h1": H1Transport}

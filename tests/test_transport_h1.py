@@ -16,7 +16,7 @@ from proxy.transport import (
 )
 from proxy.transport_h1 import HIGH_WATER, H1Transport
 from tests.support.ports import free_port
-from tests.support.raw_upstream import CLOSE, STALL, RawUpstream
+from tests.support.scripted_upstream import CLOSE, STALL, RawUpstream
 
 MakeTransport = Callable[..., H1Transport]
 
