@@ -386,6 +386,9 @@ class H1Transport:
                         await answered
                     else:
                         answered.result()
+                    if conn.error is not None:
+                        # The head was fine but what came with it was not: still time for a 502.
+                        raise conn.error
                     return _Response(self, conn, timer)
                 except _Stale:
                     # The upstream closed an idle connection as we reused it. It most likely

@@ -303,6 +303,14 @@ async def test_malformed_response_is_broken(
     assert caught.value.sent
 
 
+async def test_a_bad_body_arriving_with_the_head_fails_the_send(
+    raw: RawUpstream, h1: MakeTransport
+) -> None:
+    raw.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n")
+    with pytest.raises(UpstreamBroken, match="malformed"):
+        await h1(raw.url).send("GET", "/", [], None)
+
+
 async def test_close_mid_body_is_broken(raw: RawUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", close=True)
     response = await h1(raw.url).send("GET", "/", [], None)
