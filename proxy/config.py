@@ -241,6 +241,8 @@ class Upstream(Model):
     connect_timeout: Duration = 2.0
     timeout: Duration = 30.0
     max_connections: int = Field(default=256, ge=1)
+    # h1: the proxy's own pooled HTTP/1.1 client (httptools); aiohttp: aiohttp's ClientSession.
+    transport: Literal["h1", "aiohttp"] = "h1"
     health: HealthCheck | None = None
     circuit_breaker: CircuitBreaker | None = None
     # Requests in progress beyond this are answered 503 `overloaded` at once (no queue).

@@ -20,6 +20,12 @@ from proxy.transport import (
     UpstreamNotSent,
     UpstreamResponse,
 )
+from proxy.transport_h1 import H1Transport
+
+TRANSPORTS: dict[str, type[AiohttpTransport] | type[H1Transport]] = {
+    "h1": H1Transport,
+    "aiohttp": AiohttpTransport,
+}
 
 
 class CircuitOpen(UpstreamNotSent):
@@ -38,7 +44,7 @@ class Target:
         self.weight = weight
         self.healthy = True
         self.current = 0  # smooth weighted round robin state
-        self.transport: Transport = AiohttpTransport(
+        self.transport: Transport = TRANSPORTS[config.transport](
             url,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,

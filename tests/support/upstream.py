@@ -32,12 +32,17 @@ async def echo(request: web.Request) -> web.StreamResponse:
             {
                 "method": request.method,
                 "raw_path": request.raw_path,
-                "headers": [[k, v] for k, v in request.headers.items()],
+                "headers": [[k, _printable(v)] for k, v in request.headers.items()],
                 "body": body.decode("latin-1"),
             }
         ),
         content_type="application/json",
     )
+
+
+def _printable(value: str) -> str:
+    """A header value as JSON can carry it: bytes that are not UTF-8 become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class RecordingUpstream:
