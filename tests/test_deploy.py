@@ -86,7 +86,8 @@ def test_dockerfile_runtime_contract() -> None:
     assert re.search(r"^USER 10001:10001$", runtime, re.M)
     assert "IDEMPROXY_CONFIG=/etc/idemproxy/proxy.yaml" in runtime
     assert "PYTHONDONTWRITEBYTECODE=1" in runtime  # nothing written beside the code at run time
-    assert re.search(r"^ARG VERSION=(\S+)$", text, re.M)[1] == __version__  # type: ignore[index]
+    version = re.search(r"^ARG VERSION=(\S+)$", text, re.M)
+    assert version and version[1] == __version__  # the OCI version label
     # The default target (last stage) is the proxy, not the example service.
     assert text.rstrip().splitlines()[-1] == "FROM runtime AS idemproxy"
 
@@ -166,27 +167,34 @@ def test_image_install_starts_and_proxies(image_venv: Path) -> None:
     example = image_venv / "context" / "deploy" / "example" / "recognitions.py"
     app = subprocess.Popen([str(venv / "bin" / "python"), str(example), "--port", str(app_port)],
                            cwd=workdir, env=env)
-    proxy = subprocess.Popen(["idemproxy", "run"], cwd=workdir, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = workdir / "proxy.log"
+    with log.open("wb") as output:
+        proxy = subprocess.Popen(["idemproxy", "run"], cwd=workdir, env=env,
+                                 stdout=output, stderr=subprocess.STDOUT)
+
+    def live() -> tuple[int, bytes]:
+        if proxy.poll() is not None:
+            raise RuntimeError(f"idemproxy exited {proxy.returncode}: {log.read_text()}")
+        return get(f"http://127.0.0.1:{admin_port}/live")
+
     try:
-        live = wait_until(lambda: get(f"http://127.0.0.1:{admin_port}/live"), 20, "/live")
-        assert live == (200, b"ok")
+        assert wait_until(live, 20, "/live") == (200, b"ok")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/recognitions", data=b'{"to": "ada"}', method="POST",
             headers={"Content-Type": "application/json", "Idempotency-Key": "image-test-1"})
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 201
+            assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Trace-Id"])  # via the proxy
             assert json.loads(response.read())["payload"] == {"to": "ada"}
         status, body = get(f"http://127.0.0.1:{port}/recognitions")
         assert status == 200 and json.loads(body)["count"] == 1
         proxy.send_signal(signal.SIGTERM)
-        assert proxy.wait(30) == 0, proxy.stderr.read() if proxy.stderr else ""
+        assert proxy.wait(30) == 0, log.read_text()
     finally:
         for process in (proxy, app):
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
-        app.wait(10)
     # read-only-root friendly: the installed code and config are left untouched.
     assert tree(image_venv / "opt") | tree(image_venv / "etc") == before
 
