@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -251,6 +252,20 @@ def test_every_rendered_resource_is_valid_for_current_kubernetes(
     assert tuple(int(n) for n in version.split(".")[:2]) >= (1, 33)  # native sidecars are GA
     for resource in rendered:
         kubernetes_validate.validate(resource, version, strict=True)  # raises on any error
+
+
+def test_schema_validation_needs_no_network(
+    rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The schemas ship inside kubernetes-validate: CI validates without reaching any host."""
+
+    def refuse(*args: object) -> None:
+        raise AssertionError(f"network use during validation: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for resource in rendered:
+        kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_schema_validation_rejects_a_broken_manifest(rendered: list[dict[str, Any]]) -> None:
