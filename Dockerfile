@@ -4,6 +4,7 @@
 #   docker build --target example -t idemproxy-example .     # the example service, for trying it out
 # The runtime writes nothing outside /tmp, so it runs with a read-only root filesystem.
 
+# For reproducible builds pin the base by digest: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:…
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: the idemproxy wheel and a wheel for every dependency ---------------------------
