@@ -400,6 +400,26 @@ def test_kubectl_kustomize_agrees_with_the_renderer(directory: Path) -> None:
     assert hashless == canonical(rendered)
 
 
+def test_images_can_be_replaced_in_an_overlay(tmp_path: Path) -> None:
+    """What the README tells users to do: their own overlay that swaps in their images."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(KUSTOMIZATIONS[0], tmp_path)],
+        "images": [
+            {"name": "idemproxy", "newName": "registry.example/idemproxy", "newTag": "1.2.3"},
+            {"name": "idemproxy-example", "newName": "registry.example/payments"},
+        ],
+    }))
+    rendered = kustomize.build(tmp_path)
+    pod = find(rendered, "Deployment", "recognitions")["spec"]["template"]["spec"]
+    assert [c["image"] for c in pod["initContainers"] + pod["containers"]] == [
+        "registry.example/idemproxy:1.2.3", "registry.example/payments:0.1.0",
+    ]
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        real = [d for d in yaml.safe_load_all(run(kubectl, "kustomize", str(tmp_path))) if d]
+        assert canonical(real) == canonical(rendered)
+
+
 def canonical(resources: list[dict[str, Any]]) -> str:
     return "\n".join(sorted(json.dumps(r, sort_keys=True) for r in resources))
 

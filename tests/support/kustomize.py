@@ -1,5 +1,6 @@
 """Just enough of `kustomize build` to validate deploy/kubernetes without the kustomize binary:
-resources (files and directories), `replicas`, and secret/configMap generators from literals.
+resources (files and directories), `replicas`, `images`, and secret/configMap generators from
+literals.
 Any other kustomization field is refused, so a manifest never silently goes unchecked."""
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from typing import Any
 
 import yaml
 
-SUPPORTED = {"apiVersion", "kind", "resources", "replicas", "secretGenerator", "configMapGenerator"}
+SUPPORTED = {
+    "apiVersion", "kind", "resources", "replicas", "images", "secretGenerator",
+    "configMapGenerator",
+}
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
@@ -52,7 +56,20 @@ def build(directory: Path) -> list[dict[str, Any]]:
         if len(matches) != 1:
             raise ValueError(f"{directory}: replicas for {replica['name']!r} match {len(matches)}")
         matches[0]["spec"]["replicas"] = replica["count"]
+    for image in kustomization.get("images", []):
+        _set_image(resources, image)
     return resources
+
+
+def _set_image(resources: list[dict[str, Any]], image: dict[str, str]) -> None:
+    """`kustomize edit set image NAME=NEW:TAG`: rewrite containers whose image is NAME[:tag]."""
+    for resource in resources:
+        pod = resource.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
+            name, _, tag = container["image"].partition(":")
+            if name == image["name"]:
+                tag = image.get("newTag", tag)
+                container["image"] = image.get("newName", name) + (f":{tag}" if tag else "")
 
 
 def secret_env(resources: list[dict[str, Any]], name: str) -> dict[str, str]:
