@@ -163,6 +163,7 @@ def test_image_install_starts_and_proxies(image_venv: Path) -> None:
         "IDEMPROXY_CONFIG": str(image_venv / "etc" / "idemproxy" / "proxy.yaml"),
         "IDEMPROXY_UPSTREAM": f"http://127.0.0.1:{app_port}",
         "IDEMPROXY_PORT": str(port), "IDEMPROXY_ADMIN_PORT": str(admin_port),
+        "HOME": str(image_venv / "nonexistent"),  # the image user has no home directory
     }
     before = tree(image_venv / "opt") | tree(image_venv / "etc")
     example = image_venv / "context" / "deploy" / "example" / "recognitions.py"
@@ -196,8 +197,9 @@ def test_image_install_starts_and_proxies(image_venv: Path) -> None:
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
-    # read-only-root friendly: the installed code and config are left untouched.
+    # read-only-root friendly: the installed code and config are left untouched, no home made.
     assert tree(image_venv / "opt") | tree(image_venv / "etc") == before
+    assert not (image_venv / "nonexistent").exists()
 
 
 def get(url: str) -> tuple[int, bytes]:
