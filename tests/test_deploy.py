@@ -17,8 +17,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import yaml
 from proxy import __version__
 from tests.support import kustomize
 from tests.support.ports import free_port, wait_until
-from tests.support.proxy_process import REPO
+from tests.support.proxy_process import REPO, ProxyProcess
 
 DEPLOY = REPO / "deploy"
 KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base", DEPLOY / "kubernetes" / "overlays" / "redis"]
@@ -344,6 +346,44 @@ def test_every_container_is_locked_down(rendered: list[dict[str, Any]]) -> None:
             writable = {m["mountPath"] for m in container.get("volumeMounts", [])
                         if not m.get("readOnly")}
             assert writable <= {"/tmp", "/data"}, container["name"]
+
+
+@pytest.mark.slow
+def test_sidecar_config_passes_startup_before_the_app_and_readiness_after(
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    """The pod's order, with the ConfigMap's own config: the startup probe (/live) passes while
+    the app is not yet running (the kubelet starts the app only then), /ready waits for the
+    app's /healthz, and SIGTERM after the app has gone exits at once (drain_delay 0s)."""
+    pytest.importorskip("proxy.health", reason="/ready lands with the health branch")
+    config = proxy_config(kustomize.build(KUSTOMIZATIONS[0]))
+    app_port = free_port()
+    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    config["admin"] = {"host": "127.0.0.1", "port": free_port()}  # 0.0.0.0 in the pod
+    app_config = config["upstreams"]["app"]
+    app_config["url"] = app_config["url"].replace(":8080", f":{app_port}")
+    app_config["health"]["interval"] = "100ms"
+    proxy = proxy_process(config)  # returns once /live answers: the startup probe passes
+    assert http_status(proxy.admin_url + "/ready") == 503
+    app = subprocess.Popen([sys.executable, str(DEPLOY / "example" / "recognitions.py"),
+                            "--port", str(app_port)])
+    try:
+        wait_until(lambda: http_status(proxy.admin_url + "/ready") == 200, 10, "/ready")
+        assert http_status(proxy.url + "/recognitions") == 200
+    finally:
+        app.terminate()
+        app.wait(10)
+    started = time.monotonic()
+    assert proxy.stop() == 0
+    assert time.monotonic() - started < 5
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def test_redis_overlay_shares_the_store_across_replicas() -> None:
