@@ -27,11 +27,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from tests.support import kustomize
 from tests.support.ports import free_port, wait_until
-from tests.support.proxy_process import REPO, ProxyProcess
+from tests.support.proxy_process import REPO, ProxyProcess, base_config
 
 DEPLOY = REPO / "deploy"
 KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base", DEPLOY / "kubernetes" / "overlays" / "redis"]
@@ -39,14 +40,22 @@ MANIFESTS = sorted((DEPLOY / "kubernetes").rglob("*.yaml"))
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "idemproxy.json"
 COMPOSE = DEPLOY / "compose.yaml"
-# The metric names of the design doc ("Health", "Metrics"); nothing in deploy/ may use others.
-METRICS = {
-    "idemproxy_requests_total", "idemproxy_request_duration_seconds",
-    "idemproxy_upstream_duration_seconds", "idemproxy_idempotency_total",
-    "idemproxy_store_errors_total", "idemproxy_inflight_requests",
-    "idemproxy_config_reloads_total", "idemproxy_circuit_state", "idemproxy_upstream_up",
+# The design doc's metrics and their labels; nothing in deploy/ may use others. (Prometheus
+# adds job and instance; histograms add le.)
+LABELS = {
+    "idemproxy_requests_total": {"route", "method", "status_class"},
+    "idemproxy_request_duration_seconds": {"route"},
+    "idemproxy_upstream_duration_seconds": {"upstream"},
+    "idemproxy_idempotency_total": {"route", "outcome"},
+    "idemproxy_store_errors_total": set(),
+    "idemproxy_inflight_requests": set(),
+    "idemproxy_config_reloads_total": {"result"},
+    "idemproxy_circuit_state": {"upstream", "target"},
+    "idemproxy_upstream_up": {"upstream"},
 }
+METRICS = set(LABELS)
 METRIC_RE = re.compile(r"\bidemproxy_[a-z_]+")
+SELECTOR_RE = re.compile(r"\b(idemproxy_[a-z_]+)\{([^}]*)\}")
 
 
 def tool(name: str) -> str:
@@ -65,8 +74,22 @@ def run(*argv: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> str:
     return result.stdout
 
 
+def base_name(name: str) -> str:
+    return re.sub(r"_(bucket|sum|count)$", "", name)
+
+
 def metric_names(expr: str) -> set[str]:
-    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in METRIC_RE.findall(expr)}
+    return {base_name(name) for name in METRIC_RE.findall(expr)}
+
+
+def unknown_labels(expr: str) -> list[tuple[str, str]]:
+    """(metric, label) pairs in `expr`'s selectors that the metric does not have."""
+    return [
+        (name, label)
+        for name, matchers in SELECTOR_RE.findall(expr)
+        for label in re.findall(r"(\w+)\s*[=!]~?", matchers)
+        if label not in LABELS.get(base_name(name), set()) | {"job", "instance", "le"}
+    ]
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -572,9 +595,31 @@ def test_alerts_cover_the_failure_modes_with_design_metrics() -> None:
         "IdemproxyIdempotencyConflictsSpiking",
     } <= set(used)
     assert set().union(*used.values()) <= METRICS
+    assert [unknown_labels(rule["expr"]) for rule in rules] == [[]] * len(rules)
     for rule in rules:
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_metrics_endpoint_exposes_what_alerts_and_dashboard_use(
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    """Against the real /metrics: every metric named here exists with exactly these labels."""
+    pytest.importorskip("proxy.metrics", reason="/metrics lands with the obs branch")
+    config = base_config(f"http://127.0.0.1:{free_port()}")  # nothing listens: fine here
+    app = config["upstreams"]["app"]
+    app["health"] = {"path": "/healthz", "interval": "100ms"}
+    app["circuit_breaker"] = {"consecutive_failures": 5, "open_for": "10s"}
+    config["routes"].insert(0, {"name": "keyed", "match": {"path_prefix": "/k"},
+                                "upstream": "app", "idempotency": {"enabled": True}})
+    proxy = proxy_process(config)
+    with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=5) as response:
+        exposition = response.read().decode()
+    exposed: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            exposed.setdefault(base_name(sample.name), set()).update(sample.labels)
+    assert {name: exposed.get(name, set()) - {"le"} for name in LABELS} == LABELS
 
 
 def dashboard_queries() -> list[str]:
@@ -592,6 +637,7 @@ def test_dashboard_is_consistent() -> None:
     queries = dashboard_queries()
     used = set().union(*(metric_names(q) for q in queries))
     assert used == METRICS  # every metric shown, nothing unknown
+    assert [unknown_labels(q) for q in queries] == [[]] * len(queries)
     for query in queries:
         assert set(re.findall(r"\$(\w+)", query)) - {"__rate_interval", "__range"} <= variables
 
