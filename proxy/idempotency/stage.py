@@ -20,6 +20,7 @@ from proxy import body
 from proxy.config import Limits, Route
 from proxy.config import Store as StoreConfig
 from proxy.context import Handler, RequestContext
+from proxy.headers import SERVER
 from proxy.idempotency.fingerprint import fingerprint
 from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
 from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
@@ -76,6 +77,7 @@ def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload
             ) -> web.Response:
     headers["Idempotent-Replayed"] = "true"
     headers["X-Trace-Id"] = ctx.trace_id
+    headers["Server"] = SERVER
     ctx.status = status
     ctx.response_body_size = len(payload)
     return web.Response(status=status, body=payload, headers=headers)

@@ -55,6 +55,7 @@ async def test_retry_replays_status_body_and_allowed_headers(
     assert again.status == 201
     assert await again.read() == original
     assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["Server"] == "idemproxy"
     assert again.headers["X-Trace-Id"] == trace
     assert again.headers["Location"] == "/v1/payments/1"
     assert again.headers["ETag"] == '"v1"'
