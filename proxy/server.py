@@ -207,6 +207,20 @@ async def check_store(store: Store) -> None:
         )
 
 
+def target_states(plane: DataPlane) -> health.TargetStates:
+    """For /health (read from the admin thread): each checked or circuit-broken upstream of the
+    running config with its targets' weight and circuit state."""
+
+    def states() -> dict[str, list[dict[str, object]]]:
+        return {
+            name: upstream.snapshot()
+            for name, upstream in list(plane.runtime.upstreams.items())
+            if upstream.config.circuit_breaker is not None or upstream.config.health is not None
+        }
+
+    return states
+
+
 async def serve(config: Config, path: str) -> None:
     """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
 
@@ -233,6 +247,7 @@ async def serve(config: Config, path: str) -> None:
         ]
 
     monitor.on_target = target_health
+    monitor.target_states = target_states(plane)
     plane.runtime.metrics.upstream_up = monitor.upstream_up
     plane.runtime.metrics.circuit_states = circuit_states
     await monitor.attach(config, store)
