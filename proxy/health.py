@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import aiohttp
 import orjson
@@ -178,6 +178,9 @@ class _Loop:
 
 
 TargetHealth = Callable[[str, int, bool], None]
+# Upstream name -> per-target state from the running upstreams (`Upstream.snapshot()`: url,
+# weight, healthy, circuit, retry_after); only upstreams with a circuit breaker or a check.
+TargetStates = Callable[[], dict[str, list[dict[str, object]]]]
 
 
 class UpstreamCheck:
@@ -192,6 +195,7 @@ class UpstreamCheck:
         on_target: TargetHealth | None = None,
     ) -> None:
         self.name = name
+        self.urls = list(urls)
         self._on_target = on_target
         self.identity = (tuple(urls), config)
         self.required = config.required
@@ -263,6 +267,48 @@ class StoreCheck:
         await self._loop.cancel()
 
 
+_CIRCUIT_STATUS: dict[object, Status] = {"closed": "pass", "half_open": "warn", "open": "warn"}
+
+
+def upstream_check(
+    check: UpstreamCheck | None, targets: list[dict[str, object]]
+) -> list[dict[str, Any]]:
+    """The `upstream:<name>` check: one object per target with its active-check result (when
+    the upstream has `health:`), its weight and its circuit state. A target whose circuit is not
+    closed is at least `warn`; when the circuit of every target with a weight is open (requests
+    get 503 circuit-open), each object says so in `output`."""
+    by_url = {str(t["url"]): t for t in targets}
+    if check is not None:
+        observed = zip(check.observations(), check.urls, strict=True)
+        pairs = [(o, by_url.get(url)) for o, url in observed]
+    else:
+        now = time.time()
+        pairs = [
+            (Observation("pass", None, None, now, None, str(t["url"])), t) for t in targets
+        ]
+    serving = [t for t in targets if t["weight"]]  # weight 0: drained, never picked
+    all_open = bool(serving) and all(t["circuit"] == "open" for t in serving)
+    out: list[dict[str, Any]] = []
+    for observation, target in pairs:
+        rendered = observation.render("component")
+        if target is not None:
+            circuit = target["circuit"]
+            if check is None:
+                rendered["observedValue"] = circuit
+            rendered["weight"] = target["weight"]
+            if circuit is not None:
+                rendered["circuitState"] = circuit
+            if circuit == "open":
+                rendered["circuitRetryAfter"] = round(cast(float, target["retry_after"]), 3)
+            if rendered["status"] == "pass":
+                rendered["status"] = _CIRCUIT_STATUS.get(circuit, "pass")
+            if all_open:
+                shown = [rendered.get("output"), "every target's circuit is open"]
+                rendered["output"] = "; ".join(o for o in shown if o)
+        out.append(rendered)
+    return out
+
+
 # --- reload history -----------------------------------------------------------------------
 
 
@@ -328,6 +374,8 @@ class HealthMonitor:
         self._heart: _Loop | None = None
         # Told each target's check result, so routing can eject and restore targets.
         self.on_target: TargetHealth | None = None
+        # Read (from the admin thread) for each target's weight and circuit state.
+        self.target_states: TargetStates = dict
 
     def loop_turning(self) -> bool:
         return time.monotonic() - self.heartbeat < LOOP_STALLED
@@ -417,9 +465,11 @@ class HealthMonitor:
                 checks["store:evictionPolicy"] = [self.store.policy.render("datastore")]
                 if self.store.policy.status != "pass":
                     concerns.append("store:evictionPolicy")
-        for name, check in self.upstreams.items():
-            checks[f"upstream:{name}"] = [o.render("component") for o in check.observations()]
-            if not all(o.status == "pass" for o in check.observations()):
+        states = self.target_states()
+        for name in [*self.upstreams, *(n for n in states if n not in self.upstreams)]:
+            rendered = upstream_check(self.upstreams.get(name), states.get(name, []))
+            checks[f"upstream:{name}"] = rendered
+            if not all(o["status"] == "pass" for o in rendered):
                 concerns.append(f"upstream:{name}")
         checks["config:reload"] = [self._reload_check()]
         if checks["config:reload"][0]["status"] != "pass":

@@ -132,6 +132,7 @@ class Metrics:
         self.idempotency: dict[tuple[str, str], Cell] = {}
         self.store_errors = Cell()
         self.inflight = Cell()
+        self.connections_rejected = Cell()
         self.config_reloads = {result: Cell() for result in RELOAD_RESULTS}
         self._dropped = dropped
         # Live views the server plugs in: upstream name -> health, and
@@ -206,6 +207,11 @@ class Metrics:
             "idemproxy_store_errors",
             "Requests that met a store failure.",
             value=self.store_errors.value,
+        )
+        yield CounterMetricFamily(
+            "idemproxy_connections_rejected",
+            "Client connections answered 503 and closed because limits.max_connections were open.",
+            value=self.connections_rejected.value,
         )
         yield GaugeMetricFamily(
             "idemproxy_inflight_requests", "Requests in progress.", value=self.inflight.value

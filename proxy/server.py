@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ FLUSH_TIMEOUT = 2.0
 LINGERING_TIME = 1.0
 # Bound on waiting for runtimes retired by a reload to finish their requests at exit.
 CLEANUP_TIMEOUT = 0.5
+# At most one `connections_rejected` warning per this many seconds, however many are refused.
+REJECTED_EVENT_INTERVAL = 10.0
 
 
 # Parser errors whose message is (or quotes) the request line or a header: named, not echoed.
@@ -124,7 +127,11 @@ class _Server(web.Server):
 
     def __init__(self, handler: DataPlane, *, max_connections: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        self.plane = handler
         self.max_connections = max_connections
+        # Rejections not yet reported in an event, and when the last event was written.
+        self._unreported = 0
+        self._reported_at = -REJECTED_EVENT_INTERVAL
 
     def __call__(self) -> RequestHandler:
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
@@ -138,6 +145,24 @@ class _Server(web.Server):
         if len(self._connections) > self.max_connections:
             transport.write(over_capacity_response(self.max_connections))
             transport.close()
+            self._rejected()
+
+    def _rejected(self) -> None:
+        """Count a refused connection; warn at once, then at most every REJECTED_EVENT_INTERVAL
+        with the number refused since the last warning (the counter has them all)."""
+        self.plane.runtime.metrics.connections_rejected.value += 1
+        self._unreported += 1
+        now = time.monotonic()
+        if now - self._reported_at >= REJECTED_EVENT_INTERVAL:
+            emit(
+                "connections_rejected",
+                "warning",
+                rejected=self._unreported,
+                max_connections=self.max_connections,
+                detail="limits.max_connections reached: new connections get 503 and close",
+            )
+            self._unreported = 0
+            self._reported_at = now
 
     def close_connections(self, fresh_too: bool) -> None:
         """Close each connection once its current request is answered. A connection that has
@@ -182,6 +207,20 @@ async def check_store(store: Store) -> None:
         )
 
 
+def target_states(plane: DataPlane) -> health.TargetStates:
+    """For /health (read from the admin thread): each checked or circuit-broken upstream of the
+    running config with its targets' weight and circuit state."""
+
+    def states() -> dict[str, list[dict[str, object]]]:
+        return {
+            name: upstream.snapshot()
+            for name, upstream in list(plane.runtime.upstreams.items())
+            if upstream.config.circuit_breaker is not None or upstream.config.health is not None
+        }
+
+    return states
+
+
 async def serve(config: Config, path: str) -> None:
     """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
 
@@ -208,6 +247,7 @@ async def serve(config: Config, path: str) -> None:
         ]
 
     monitor.on_target = target_health
+    monitor.target_states = target_states(plane)
     plane.runtime.metrics.upstream_up = monitor.upstream_up
     plane.runtime.metrics.circuit_states = circuit_states
     await monitor.attach(config, store)

@@ -139,16 +139,17 @@ class Upstream:
         return [(t.url, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
 
     def snapshot(self) -> list[dict[str, object]]:
-        """Per target, for /health: url, weight, healthy, circuit, seconds until a probe."""
+        """Per target, for /health: url, weight, healthy, circuit (None without a breaker),
+        seconds until a probe."""
         return [
             {
                 "url": t.url,
                 "weight": t.weight,
                 "healthy": t.healthy,
-                "circuit": state,
+                "circuit": t.breaker.state if t.breaker else None,
                 "retry_after": t.breaker.retry_after() if t.breaker else 0.0,
             }
-            for t, (_, state) in zip(self.targets, self.circuit_states(), strict=True)
+            for t in self.targets
         ]
 
     def inherit(self, previous: Upstream) -> None:

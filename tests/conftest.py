@@ -14,6 +14,7 @@ from aiohttp.test_utils import BaseTestServer, TestClient
 from proxy.app import DataPlane, Runtime
 from proxy.config import parse
 from proxy.server import data_server
+from tests.support.lines import Lines
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.redis_server import RedisServer
 from tests.support.secrets import assert_no_secrets
@@ -21,11 +22,13 @@ from tests.support.upstream import RecordingUpstream
 
 
 class ProxyTestServer(BaseTestServer):
-    """The real data-port server (parser limits included) on an ephemeral port."""
+    """The real data-port server (parser limits included) on an ephemeral port; `lines` holds
+    the access log lines of a runtime built with it as its log sink."""
 
-    def __init__(self, plane: DataPlane, **kwargs: Any) -> None:
+    def __init__(self, plane: DataPlane, lines: Lines, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.plane = plane
+        self.lines = lines
 
     async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
         return web.ServerRunner(data_server(self.plane, self.plane.runtime.config), **kwargs)
@@ -44,14 +47,16 @@ MakeProxy = Callable[..., Awaitable[TestClient[web.Request, None]]]
 
 @pytest.fixture
 async def make_proxy(aiohttp_client: Any) -> AsyncIterator[MakeProxy]:
-    """Build an in-process proxy from a config dict (ports in it are ignored)."""
+    """Build an in-process proxy from a config dict (ports in it are ignored). Its access log
+    lines are kept in memory, not written to stdout: read them as `client.server.lines`."""
     runtimes: list[Runtime] = []
 
     async def factory(config: dict[str, Any]) -> TestClient[web.Request, None]:
-        runtime = Runtime(parse(config, env={}))
+        lines = Lines()
+        runtime = Runtime(parse(config, env={}), log=lines)
         runtimes.append(runtime)
         client: TestClient[web.Request, None] = await aiohttp_client(
-            ProxyTestServer(DataPlane(runtime)), auto_decompress=False
+            ProxyTestServer(DataPlane(runtime), lines), auto_decompress=False
         )
         return client
 

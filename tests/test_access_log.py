@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
@@ -14,7 +15,8 @@ from proxy.access_log import AccessLog, allowed_query, encode
 from proxy.config import Logging
 from proxy.context import RequestContext
 from proxy.metrics import Metrics
-from tests.support.observed import Lines, observe
+from tests.support.lines import Lines
+from tests.support.observed import observe
 from tests.support.ports import free_port, wait_until
 from tests.support.proxy_process import base_config
 from tests.support.raw_http import exchange, status_of
@@ -332,3 +334,16 @@ async def test_concurrent_requests_give_whole_lines_in_a_real_process(
     logged = await asyncio.to_thread(wait_until, lines, 5, "60 access lines")
     assert sorted(str(line["trace_id"]) for line in logged) == sorted(trace_ids)
     assert {line["user_agent.original"] for line in logged} == {f'ua "{i}"\t\\' for i in range(60)}
+
+
+async def test_in_process_proxies_keep_their_lines_off_stdout(
+    make_proxy: Any, upstream: RecordingUpstream, capfd: pytest.CaptureFixture[str]
+) -> None:
+    client = await make_proxy(base_config(upstream.url))
+    response = await client.get("/kept?secret=1", headers={"X-Request-Id": "r1"})
+    assert response.status == 200
+    await response.read()
+    [line] = await client.server.lines.wait_for(1)
+    assert (line["url.path"], line["http.request.header.x-request-id"]) == ("/kept", "r1")
+    logsink.STDOUT.flush(2)
+    assert "/kept" not in capfd.readouterr().out

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import events, logsink
 from proxy.config import config_hash, parse
 from proxy.logsink import LogSink
-from tests.support.observed import Lines
+from tests.support.lines import Lines
 from tests.support.ports import wait_until
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.upstream import RecordingUpstream

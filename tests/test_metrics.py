@@ -23,6 +23,7 @@ EXPECTED_TYPES = {
     "idemproxy_upstream_duration_seconds": "histogram",
     "idemproxy_idempotency": "counter",
     "idemproxy_store_errors": "counter",
+    "idemproxy_connections_rejected": "counter",
     "idemproxy_inflight_requests": "gauge",
     "idemproxy_config_reloads": "counter",
     "idemproxy_log_dropped": "counter",

@@ -106,7 +106,7 @@ async def test_reload_changes_weights_and_old_requests_finish(
     await upstream.arrived.wait()
 
     flipped = parse(weighted([(upstream.url, 0), (green.url, 1)]), env={})
-    plane.runtime = Runtime(flipped, previous=old)
+    plane.runtime = Runtime(flipped, previous=old, log=client.server.lines)
     for i in range(5):
         assert (await client.get(f"/new{i}")).status == 200
     assert (upstream.count, green.count) == (1, 5)

@@ -7,6 +7,8 @@ import asyncio
 import gzip
 import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conformance.conftest import Stack
 from tests.support.ports import wait_until
 from tests.support.raw_client import RawConnection, exchange
@@ -26,18 +28,36 @@ def served(stack: Stack) -> bool:
         return connection.still_serves()
 
 
+def rejected_total(stack: Stack) -> float:
+    with urllib.request.urlopen(stack.proxy.admin_url + "/metrics", timeout=2) as response:
+        text = response.read().decode()
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "idemproxy_connections_rejected_total"
+    ]
+    return value
+
+
+def rejection_events(stack: Stack) -> list[dict[str, object]]:
+    return [e for e in stack.proxy.json_lines() if e.get("event") == "connections_rejected"]
+
+
 def test_connection_cap(stack: Stack) -> None:
     held = [RawConnection(stack.port) for _ in range(CAP)]
     try:
         for connection in held:
             assert connection.still_serves()
-        response, extra = exchange(stack.port, get("/over-cap"))
-        with extra:
-            assert response is not None
-            assert response.status == 503
-            assert response.header("Retry-After") == "1"
-            assert response.problem()["type"].endswith("too-many-connections")
-            assert extra.closed_within(2)
+        for _ in range(3):
+            response, extra = exchange(stack.port, get("/over-cap"))
+            with extra:
+                assert response is not None
+                assert response.status == 503
+                assert response.header("Retry-After") == "1"
+                assert response.problem()["type"].endswith("too-many-connections")
+                assert extra.closed_within(2)
+        assert rejected_total(stack) == 3
         assert held[0].still_serves(), "connections under the cap keep working"
         with urllib.request.urlopen(stack.proxy.admin_url + "/live", timeout=2) as live:
             assert live.status == 200, "the admin port is not counted against the data port cap"
@@ -48,6 +68,14 @@ def test_connection_cap(stack: Stack) -> None:
             connection.close()
     wait_until(lambda: served(stack), 5, "the proxy noticing the closed connections")
     assert "/over-cap" not in [r.target for r in stack.upstream.requests]
+    # One warning per REJECTED_EVENT_INTERVAL (10 s), not one per connection; the counter has
+    # them all. Events are written at once, but by the log thread: poll for the line.
+    wait_until(lambda: rejection_events(stack), 5, "the connections_rejected warning")
+    [event] = rejection_events(stack)
+    assert (event["level"], event["rejected"], event["max_connections"]) == ("warning", 1, CAP)
+    assert not any(line.get("url.path") == "/over-cap" for line in stack.proxy.json_lines()), (
+        "a refused connection never reaches the pipeline, so it has no access line"
+    )
 
 
 def test_pipelined_requests_are_answered_in_order(stack: Stack) -> None:
