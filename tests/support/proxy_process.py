@@ -63,17 +63,33 @@ class ProxyProcess:
         tmp.write_text(yaml.safe_dump(self.config))
         tmp.replace(self.config_path)
 
-    def start(self, timeout: float = 15) -> ProxyProcess:
-        self.write_config()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path)],
-            cwd=REPO,
-            env=self.env,
-            stdout=open(self.stdout_path, "ab"),  # noqa: SIM115
-            stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
-        )
-        wait_until(self._live, timeout, "idemproxy /live")
-        return self
+    def start(self, timeout: float = 15, attempts: int = 3) -> ProxyProcess:
+        """Start and wait for /live. A free port can be taken by another process between
+        free_port() and the bind; then the ports are chosen again (at most `attempts` times)."""
+        for attempt in range(attempts):
+            self.write_config()
+            errors_before = len(self.stderr())
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path)],
+                cwd=REPO,
+                env=self.env,
+                stdout=open(self.stdout_path, "ab"),  # noqa: SIM115
+                stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
+            )
+            up = wait_until(self._live_or_exited, timeout, "idemproxy /live")
+            if up == "live":
+                return self
+            lost_race = "address already in use" in self.stderr()[errors_before:]
+            if not lost_race or attempt == attempts - 1:
+                raise RuntimeError(f"idemproxy exited: {self.stderr()[errors_before:]}")
+            self.config["listen"]["port"] = free_port()
+            self.config["admin"]["port"] = free_port()
+        raise AssertionError("unreachable")
+
+    def _live_or_exited(self) -> str | None:
+        if self.process is not None and self.process.poll() is not None:
+            return "exited"
+        return "live" if self._live() else None
 
     def _live(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
