@@ -16,7 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -30,6 +30,27 @@ Client = Redis | RedisCluster
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel master discovery with the blocking pool's bounded wait for a free connection."""
+
+
+class SentinelMasterConnection(SentinelManagedConnection):
+    """A connection to the primary Sentinel names at each (re)connect.
+
+    redis-py (#3874, open in 8.1) asks Sentinel only when the pool hands a connection out; the
+    reconnect before a retried command goes back to the address the connection had. After a
+    failover that is the demoted primary, so the retry meant for `READONLY` fails again.
+    """
+
+    async def connect(self) -> None:
+        await self.connect_check_health(check_health=self.connection_pool.check_connection)
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        self.host, self.port = await self.connection_pool.get_master_address()
+        # No reconnect-retry to the same address: the command's own retry asks Sentinel again.
+        await super().connect_check_health(check_health, retry_socket_connect=False)
 
 
 def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) -> Client:
@@ -58,6 +79,7 @@ def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) ->
         client: Redis = sentinel.master_for(
             target.service,
             connection_pool_class=BlockingSentinelConnectionPool,
+            connection_class=SentinelMasterConnection,
             db=target.db,
             max_connections=max_connections,
             timeout=timeout,

@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 from redis.asyncio import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy import redis_client
@@ -93,6 +94,16 @@ def _text(value: object) -> str | None:
     return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
 
 
+async def _evaluate(script: AsyncScript, key: str, args: Sequence[bytes | str | int] = ()) -> Any:
+    """`script` on the record at `key`. redis-py loads a script the server lacks only after the
+    first EVALSHA; when that EVALSHA's reconnect-retry reached another server (the new primary
+    after a failover), its NOSCRIPT comes back unhandled, so the script runs once more."""
+    try:
+        return await script(keys=[key], args=args)
+    except NoScriptError:
+        return await script(keys=[key], args=args)
+
+
 def parse_record(reply: Sequence[bytes]) -> Record:
     """A record from the flat HGETALL(+pttl) list the scripts return."""
     fields = {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
@@ -145,14 +156,14 @@ class RedisStore:
         deadline = asyncio.get_running_loop().time() + self.budget
         args: list[str | int] = [token, fingerprint, _ms(lease), SCHEMA_VERSION]
         try:
-            reply = await self._run(self._claim(keys=[rkey], args=args), deadline)
+            reply = await self._run(_evaluate(self._claim, rkey, args), deadline)
         except StoreTimeout:
             raise  # the budget is spent; the caller takes the token back in the background
         except StoreError as exc:
             # The claim may have been applied before the connection failed: read it back
             # within what is left of the same budget.
             try:
-                reply = await self._run(self._get(keys=[rkey]), deadline)
+                reply = await self._run(_evaluate(self._get, rkey), deadline)
             except StoreError:
                 raise StoreTimeout(f"claim outcome unknown: {exc}") from exc
             if reply == 0:
@@ -162,7 +173,7 @@ class RedisStore:
         return None if reply == 0 else parse_record(reply)
 
     async def get(self, key: str) -> Record | None:
-        reply = await self._run(self._get(keys=[redis_key(key)]))
+        reply = await self._run(_evaluate(self._get, redis_key(key)))
         return None if reply == 0 else parse_record(reply)
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
@@ -175,14 +186,14 @@ class RedisStore:
             response.body,
             int(response.replayable),
         ]
-        return bool(await self._run(self._complete(keys=[redis_key(key)], args=args)))
+        return bool(await self._run(_evaluate(self._complete, redis_key(key), args)))
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
         args: list[bytes | str | int] = [token, "indeterminate", 0, 0, b"", b"", 0]
-        return bool(await self._run(self._complete(keys=[redis_key(key)], args=args)))
+        return bool(await self._run(_evaluate(self._complete, redis_key(key), args)))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._run(self._release(keys=[redis_key(key)], args=[token])))
+        return bool(await self._run(_evaluate(self._release, redis_key(key), [token])))
 
     async def ping(self) -> float:
         started = time.perf_counter()

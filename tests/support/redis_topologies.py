@@ -71,7 +71,9 @@ class Sentinels:
     def failover(self) -> None:
         """Promote the replica (a forced failover) and wait until the sentinels agree."""
         old = self.primary_port()
-        _cli(self.ports[0], "SENTINEL", "FAILOVER", SERVICE)
+        # Refused (NOGOODSLAVE) until the sentinels have fresh INFO from the replica.
+        wait_until(lambda: _cli(self.ports[0], "SENTINEL", "FAILOVER", SERVICE) == "OK", 15,
+                   "failover accepted")
         wait_until(lambda: self.primary_port() != old, 15, "failover")
         promoted = self.replica if self.replica.port != old else self.primary
         wait_until(lambda: "role:master" in promoted.cli("INFO", "replication"), 15,
