@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy import redis_client
 from tests.support.idempotency import assert_problem, idem_config
 from tests.support.proxy_process import ProxyProcess
 from tests.support.redis_server import RedisServer
@@ -24,6 +25,7 @@ StartRedis = Callable[..., RedisServer]
 BUDGET = 0.25
 # A generous bound for "answered within the store budget" on a shared 2-core machine.
 WITHIN_BUDGET = 2.0
+STALLED = redis_client.MAX_CONNECTIONS + 16
 
 
 def start(proxy_process: StartProxy, upstream: RecordingUpstream, redis: RedisServer,
@@ -85,8 +87,9 @@ async def test_fail_closed_stalled_redis_is_503_within_budget_then_the_key_runs_
         assert (await post(session, proxy.url, "warm"))[0].status == 200
         redis.stall()
         try:
+            # More requests than the pool has connections: the rest wait within the budget.
             results = await asyncio.gather(
-                *(post(session, proxy.url, f"stalled-{i}") for i in range(10))
+                *(post(session, proxy.url, f"stalled-{i}") for i in range(STALLED))
             )
         finally:
             redis.resume()
@@ -97,13 +100,13 @@ async def test_fail_closed_stalled_redis_is_503_within_budget_then_the_key_runs_
         # retry with the same key gets 409 for a moment and then runs, exactly once.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
-        for i in range(10):
+        for i in range(STALLED):
             while (response := (await post(session, proxy.url, f"stalled-{i}"))[0]).status != 200:
                 assert response.status in (409, 503), response.status
                 assert loop.time() < deadline, "the key never became usable again"
                 await asyncio.sleep(0.1)  # client retry pacing
     keys = Counter(r.header("Idempotency-Key") for r in upstream.received)
-    assert all(keys[f"stalled-{i}"] == 1 for i in range(10)), keys
+    assert all(keys[f"stalled-{i}"] == 1 for i in range(STALLED)), keys
 
 
 async def test_fail_open_keeps_serving_without_redis(
