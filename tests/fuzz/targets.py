@@ -2,7 +2,6 @@
 
 Shared by the atheris harness (`python -m tests.fuzz.run`), the corpus replay in the normal test
 run, and the hypothesis properties. No atheris import here, so pytest needs only the stdlib.
-TODO(idem): add the Idempotency-Key parser once branch `idem` lands it.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from ipaddress import ip_network
 
 from proxy import headers, tracing
 from proxy.config import ConfigError, loads
+from proxy.idempotency import keys
 from proxy.request_checks import check_request
 
 _HEX = re.compile(r"[0-9a-f]+")
@@ -89,6 +89,29 @@ def header_filter(data: bytes) -> None:
     check_header_filters(lines[0], items)
 
 
+def quoted(key: str) -> str:
+    """`key` as an RFC 8941 sf-string."""
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check_key_value(value: str) -> None:
+    """A header value: a key of 1-255 visible ASCII characters, or None; never anything else."""
+    key = keys.parse_key(value)
+    if key is None:
+        return
+    assert 1 <= len(key) <= keys.MAX_KEY_LENGTH
+    assert all("!" <= char <= "~" for char in key)
+    if not value.startswith('"'):
+        assert key == value  # a bare token is the key itself
+    assert keys.parse_key(quoted(key)) == key  # every accepted key has one canonical quoting
+    storage = keys.storage_key("route", "identity", key)
+    assert len(storage) == 40 and _HEX.fullmatch(storage)
+
+
+def idempotency_key(data: bytes) -> None:
+    check_key_value(data.decode("latin-1"))
+
+
 def config(data: bytes) -> None:
     """Any text: a Config or a ConfigError whose every line names a path; nothing else."""
     try:
@@ -103,6 +126,7 @@ def config(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "traceparent": traceparent,
+    "idempotency_key": idempotency_key,
     "header_filter": header_filter,
     "config": config,
 }

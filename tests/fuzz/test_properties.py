@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from proxy import tracing
 from proxy.config import Config, ConfigError, parse
+from proxy.idempotency.keys import MAX_KEY_LENGTH, parse_key
 from tests.fuzz import targets
 
 HEX = "0123456789abcdef"
@@ -44,6 +45,29 @@ def test_mangled_traceparent_is_refused(trace_id: str, span_id: str, flag: str, 
 @given(st.text())
 def test_any_text_as_trace_header(text: str) -> None:
     targets.check_trace_values(text)
+
+
+visible = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+
+
+@FAST
+@given(st.text(visible, min_size=1, max_size=MAX_KEY_LENGTH))
+def test_every_visible_ascii_key_is_accepted_bare_or_quoted(key: str) -> None:
+    assert parse_key(targets.quoted(key)) == key
+    assert parse_key(key) == (key if '"' not in key else None)
+
+
+@FAST
+@given(st.text(visible, min_size=MAX_KEY_LENGTH + 1, max_size=2 * MAX_KEY_LENGTH))
+def test_keys_longer_than_the_limit_are_refused(key: str) -> None:
+    assert parse_key(key) is None
+    assert parse_key(targets.quoted(key)) is None
+
+
+@FAST
+@given(st.one_of(st.text(), st.text(visible).map(targets.quoted)))
+def test_any_text_as_idempotency_key_header(text: str) -> None:
+    targets.check_key_value(text)
 
 
 header_names = st.one_of(
