@@ -6,8 +6,9 @@ A request is sent again only when doing so cannot execute it twice:
 - any other method only with an idempotency claim (`ctx.idempotency_outcome == "miss"`) and
   only when nothing was sent (connect refused, ...), whatever `on` says: an ambiguous failure
   or an answered 5xx may already have executed it.
-Attempts are spaced by fully jittered exponential backoff, stop at the upstream `timeout`
-counted from the first attempt, and are limited by a budget: requests retrying at once may be
+Attempts are spaced by fully jittered exponential backoff and share one deadline, the upstream
+`timeout` counted from the first attempt (so an idempotency lease, derived from that timeout,
+outlives every attempt), and are limited by a budget: requests retrying at once may be
 at most `budget` of the upstream's requests in progress (at least `min_concurrent`).
 """
 
@@ -59,13 +60,14 @@ def exchange(upstream: Upstream, policy: Retries | None) -> Exchange:
         ):
             return await upstream.send(method, target, headers, body)
         started = asyncio.get_running_loop().time()
+        ends = started + deadline
         attempt = 1
         counted = False
         try:
             while True:
                 delay = backoff(attempt, policy.backoff, policy.max_backoff)
                 try:
-                    response = await upstream.send(method, target, headers, body)
+                    response = await upstream.send(method, target, headers, body, ends)
                 except CircuitOpen:
                     raise
                 except UpstreamError as exc:

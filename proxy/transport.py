@@ -3,8 +3,9 @@ response head and a body stream. Errors say whether any byte of the request may 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -68,7 +69,11 @@ class Transport(Protocol):
         target: str,
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
-    ) -> UpstreamResponse: ...
+        deadline: float | None = None,
+    ) -> UpstreamResponse:
+        """One exchange, ended by the upstream `timeout` or the earlier loop-time `deadline`
+        (retries share their first attempt's deadline)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -109,6 +114,7 @@ class AiohttpTransport:
         self, base_url: str, *, connect_timeout: float, timeout: float, max_connections: int
     ) -> None:
         self._base = base_url
+        self._connect_timeout = connect_timeout
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, force_close=False),
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout),
@@ -123,8 +129,15 @@ class AiohttpTransport:
         target: str,
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
         url = URL(self._base + target, encoded=True)
+        options: dict[str, Any] = {}
+        if deadline is not None:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            options["timeout"] = aiohttp.ClientTimeout(
+                total=left, sock_connect=min(left, self._connect_timeout)
+            )
         try:
             response = await self._session.request(
                 method,
@@ -133,6 +146,7 @@ class AiohttpTransport:
                 data=body,
                 allow_redirects=False,
                 compress=None,
+                **options,
             )
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamConnectTimeout(f"connect to {self._base} timed out") from exc

@@ -360,18 +360,20 @@ class H1Transport:
         target: str,
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
         # Flat on purpose: every coroutine level between the handler and the awaited response
         # head is resumed on each wake-up, so the exchange is not split into helpers.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        own_deadline = loop.time() + self._timeout
+        deadline = own_deadline if deadline is None else min(deadline, own_deadline)
         if self._active < self._max_connections:
             self._active += 1
         else:
             await self._wait_for_slot(loop, deadline)
         try:
             head, length = self._encode(method, target, headers, body)
-            conn = self._idle_connection(loop.time()) or await self._connect(loop)
+            conn = self._idle_connection(loop.time()) or await self._connect(loop, deadline)
             while True:
                 timer = loop.call_at(deadline, conn.timed_out, self._timeout)
                 conn.begin(method == "HEAD")
@@ -399,7 +401,7 @@ class H1Transport:
                             f"{self._base} closed a reused connection before answering; "
                             "not resent: the request is not idempotent"
                         ) from None
-                    conn = await self._connect(loop)
+                    conn = await self._connect(loop, deadline)
                 except BaseException:
                     _abandon(conn, timer)
                     raise
@@ -443,7 +445,7 @@ class H1Transport:
             conn._close()
         return None
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
@@ -453,7 +455,7 @@ class H1Transport:
                     ssl=self._ssl,
                     server_hostname=self._hostname if self._ssl else None,
                 ),
-                self._connect_timeout,
+                min(self._connect_timeout, max(0.0, deadline - loop.time())),
             )
         except TimeoutError:
             raise UpstreamConnectTimeout(f"connect to {self._base} timed out") from None

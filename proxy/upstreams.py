@@ -104,6 +104,7 @@ class Upstream:
         target: str,
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
         """One attempt on one picked target; the target's breaker learns the outcome."""
         chosen = self.pick()
@@ -111,11 +112,11 @@ class Upstream:
             raise self._circuit_open()
         breaker = chosen.breaker
         if breaker is None:
-            return await chosen.transport.send(method, target, headers, body)
+            return await chosen.transport.send(method, target, headers, body, deadline)
         generation = breaker.acquire()
         failed: bool | None = None
         try:
-            response = await chosen.transport.send(method, target, headers, body)
+            response = await chosen.transport.send(method, target, headers, body, deadline)
             failed = response.status in self._failure_statuses
             return response
         except UpstreamError:

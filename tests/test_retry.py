@@ -15,7 +15,7 @@ from proxy.config import Upstream as UpstreamConfig
 from proxy.context import RequestContext
 from proxy.transport import UpstreamNotSent, UpstreamTimeout
 from proxy.upstreams import Upstream
-from tests.support.faults import first_then, hang_until, refusing_url, status
+from tests.support.faults import first_then, hang_until, refusing_url, status, unanswered_url
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream, echo
 
@@ -106,11 +106,39 @@ def context(method: str, outcome: str | None = None) -> RequestContext:
     return ctx
 
 
-def runtime_upstream(urls: list[str]) -> Upstream:
+def runtime_upstream(urls: list[str], **options: str) -> Upstream:
     config = UpstreamConfig.model_validate(
-        {"targets": [{"url": url} for url in urls], "timeout": "5s", "connect_timeout": "1s"}
+        {"targets": [{"url": url} for url in urls], "timeout": "5s", "connect_timeout": "1s",
+         **options}
     )
     return Upstream("app", config)
+
+
+@pytest.mark.parametrize("transport", ["h1", "aiohttp"])
+async def test_attempts_share_the_first_attempts_deadline(
+    upstream: RecordingUpstream, transport: str
+) -> None:
+    """A resend after a slow not-sent failure must not run past the upstream timeout: the
+    idempotency lease is derived from it, and a retry of the key after the lease would run."""
+    release = asyncio.Event()
+    upstream.respond = hang_until(release)
+    with unanswered_url() as unanswered:
+        target = runtime_upstream([unanswered, upstream.url], timeout="1.5s",
+                                  transport=transport)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ctx = context("POST", "miss")
+        try:
+            with pytest.raises(UpstreamTimeout):
+                await retry.exchange(target, Retries(attempts=3, backoff=0.001))(
+                    ctx, "POST", "/pay", [], b"{}"
+                )
+        finally:
+            release.set()
+            await target.close()
+    elapsed = loop.time() - started
+    assert (upstream.count, ctx.resend_count) == (1, 1)  # the resend reached the second target
+    assert elapsed < 1.5 + 0.5, f"the attempts ran {elapsed:.2f}s, past the 1.5s timeout"
 
 
 async def test_claimed_post_is_resent_when_not_sent_only(upstream: RecordingUpstream) -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
+import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +19,31 @@ from tests.support.upstream import Respond
 def refusing_url() -> str:
     """A loopback URL nothing listens on: connecting is refused (a not-sent failure)."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@contextlib.contextmanager
+def unanswered_url() -> Iterator[str]:
+    """A loopback URL whose connects hang until they time out: a listener that never accepts,
+    with its accept queue full, so the kernel drops further SYNs (a not-sent failure that takes
+    the whole `connect_timeout`)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers: list[socket.socket] = []
+    try:
+        while len(fillers) < 16:
+            filler = socket.socket()
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex(address)
+            if not select.select([], [filler], [], 0.2)[1]:
+                yield f"http://127.0.0.1:{address[1]}"  # this SYN went unanswered
+                return
+        raise RuntimeError("the listener kept accepting connections")
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
 
 
 def status(code: int) -> Respond:
