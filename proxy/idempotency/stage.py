@@ -37,6 +37,11 @@ MAX_BACKGROUND = 256
 _background: set[asyncio.Task[None]] = set()
 
 
+# The original may finish at any moment: a duplicate is told to come back soon for the replay,
+# not to wait out the whole lease (an indeterminate key does wait it out: nothing changes sooner).
+IN_PROGRESS_RETRY_AFTER = 1.0
+
+
 def lease_for(upstream_timeout: float, store_timeout: float) -> float:
     return upstream_timeout + LEASE_MARGIN + 2 * store_timeout
 
@@ -122,7 +127,7 @@ def stage(
             return refuse(ctx, 409, "in-progress", "Request in progress",
                           "a request with this Idempotency-Key is still being processed; retry "
                           "with the same key after Retry-After", "idempotency_in_progress",
-                          _retry_after(record.remaining))
+                          _retry_after(min(record.remaining, IN_PROGRESS_RETRY_AFTER)))
         if record.state == INDETERMINATE:
             ctx.idempotency_outcome = "indeterminate"
             return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
