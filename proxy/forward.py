@@ -73,7 +73,7 @@ def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
         ctx.upstream_outcome = "not_sent"
         return body_problem(ctx, ctx.request_error)
     ctx.upstream_outcome = "ambiguous" if exc.sent else "not_sent"
-    ctx.error_type = exc.slug
+    ctx.error_type = exc.error_type
     wait = exc.retry_after
     headers = () if wait is None else (("Retry-After", str(max(1, math.ceil(wait)))),)
     return problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id, headers)
@@ -133,7 +133,7 @@ async def _relay(
     except UpstreamError as exc:
         # Headers are out: the only honest signal left is to cut the client connection.
         ctx.upstream_outcome = "ambiguous"
-        ctx.error_type = exc.slug
+        ctx.error_type = exc.error_type
         _abort(ctx)
     finally:
         upstream.release()

@@ -25,6 +25,11 @@ class UpstreamError(Exception):
     slug = "upstream-unreachable"
     title = "Upstream unreachable"
 
+    @property
+    def error_type(self) -> str:
+        """The access log's `error.type`: the problem slug, in the log's snake_case."""
+        return self.slug.replace("-", "_")
+
 
 class UpstreamNotSent(UpstreamError):
     sent = False
