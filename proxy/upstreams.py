@@ -8,7 +8,8 @@ Read API for /health and /metrics: `Upstream.targets` (url, weight, healthy, bre
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
 
 from proxy.breaker import CLOSED, CircuitBreaker
 from proxy.config import Upstream as UpstreamConfig
@@ -34,6 +35,44 @@ class CircuitOpen(UpstreamNotSent):
     status = 503
     slug = "circuit-open"
     title = "Circuit open"
+
+
+class _Judged:
+    """A response whose target's breaker hears the verdict when it is released, not when its
+    head arrives: a body that breaks after a good head counts as a failure, and a half-open
+    probe lasts until its body is through."""
+
+    __slots__ = ("_breaker", "_failed", "_generation", "_response", "content_length", "headers",
+                 "reason", "status")
+
+    def __init__(
+        self, response: UpstreamResponse, breaker: CircuitBreaker, generation: int, failed: bool
+    ) -> None:
+        self._response = response
+        self._breaker: CircuitBreaker | None = breaker
+        self._generation = generation
+        self._failed: bool | None = failed
+        self.status = response.status
+        self.reason = response.reason
+        self.headers = response.headers
+        self.content_length = response.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.chunks():
+                yield chunk
+        except UpstreamError:
+            self._failed = True
+            raise
+        except asyncio.CancelledError:
+            self._failed = None  # abandoned: no verdict
+            raise
+
+    def release(self) -> None:
+        self._response.release()
+        breaker, self._breaker = self._breaker, None
+        if breaker is not None:
+            breaker.release(self._generation, self._failed)
 
 
 class Target:
@@ -114,16 +153,15 @@ class Upstream:
         if breaker is None:
             return await chosen.transport.send(method, target, headers, body, deadline)
         generation = breaker.acquire()
-        failed: bool | None = None
         try:
             response = await chosen.transport.send(method, target, headers, body, deadline)
-            failed = response.status in self._failure_statuses
-            return response
         except UpstreamError:
-            failed = True
+            breaker.release(generation, True)
             raise
-        finally:
-            breaker.release(generation, failed)
+        except BaseException:
+            breaker.release(generation, None)  # cancelled: no verdict
+            raise
+        return _Judged(response, breaker, generation, response.status in self._failure_statuses)
 
     def _circuit_open(self) -> CircuitOpen:
         waits = [t.breaker.retry_after() for t in self.targets if t.weight and t.breaker]

@@ -4,8 +4,12 @@ upstream that fails on command (refuse, 5xx), opens fast and recovers through ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
+
+import aiohttp
+from aiohttp import web
 
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from proxy.config import CircuitBreaker as BreakerConfig
@@ -127,6 +131,31 @@ async def test_5xx_opens_the_circuit_fast_and_recovery_closes_it(
     upstream.respond = echo
     await poll_status(client, 200)
     assert runtime.upstreams["app"].circuit_states() == [(upstream.url, CLOSED)]
+
+
+async def test_bodies_that_break_after_the_head_open_the_circuit(
+    make_proxy: Any, upstream: RecordingUpstream
+) -> None:
+    async def head_then_reset(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b"x" * 10)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    upstream.respond = head_then_reset
+    client = await make_proxy(breaker_config([upstream.url], consecutive_failures=2))
+    for _ in range(2):
+        with contextlib.suppress(aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            response = await client.get("/x")
+            assert response.status in (200, 502)
+            await response.read()
+            raise AssertionError("a broken upstream body must not look complete")
+    response = await client.get("/x")
+    assert (await response.json())["type"].endswith(":circuit-open")
+    assert upstream.count == 2
 
 
 async def test_refused_connections_open_and_a_failed_probe_reopens(make_proxy: Any) -> None:
