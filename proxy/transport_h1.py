@@ -353,6 +353,7 @@ class H1Transport:
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[_Connection] = []
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(
         self,
@@ -364,7 +365,10 @@ class H1Transport:
     ) -> UpstreamResponse:
         # Flat on purpose: every coroutine level between the handler and the awaited response
         # head is resumed on each wake-up, so the exchange is not split into helpers.
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # Once: on Python 3.11 every get_running_loop() is a getpid() syscall.
+            loop = self._loop = asyncio.get_running_loop()
         own_deadline = loop.time() + self._timeout
         deadline = own_deadline if deadline is None else min(deadline, own_deadline)
         if self._active < self._max_connections:
