@@ -31,12 +31,13 @@ from bench.harness import (
     Service,
     idemproxy_config,
     measure,
-    memory_kib,
     rss_with_connections,
 )
 from bench.report import markdown
 
 SUT_CPU, SIDE_CPU = 0, 1
+# `workers: 2` may use every core: on a 2-core machine it shares CPU 1 with upstream and wrk.
+WORKERS_CPUS = (SUT_CPU, SIDE_CPU)
 RESULTS = Path(__file__).with_name("results")
 
 
@@ -77,6 +78,7 @@ def all_modes() -> list[Mode]:
         modes += [Mode(f"idemproxy-{t}", f"idemproxy-{t}") for t in transports]
     else:
         modes.append(Mode("idemproxy", "idemproxy"))
+    modes.append(Mode("idemproxy-w2", "idemproxy-w2"))
     if _has_idempotency_engine():
         stores = ["memory"] + (["redis"] if shutil.which("redis-server") else [])
         for store in stores:
@@ -96,6 +98,9 @@ def start_services(lab: Lab, modes: list[Mode]) -> dict[str, Service]:
             services[name] = lab.python_proxy(name, "plain_proxy", upstream, SUT_CPU)
         elif name == "floor":
             services[name] = lab.python_proxy(name, "floor_proxy", upstream, SUT_CPU)
+        elif name == "idemproxy-w2":
+            config = idemproxy_config(upstream, transport=None, workers=2)
+            services[name] = lab.idemproxy(name, config, WORKERS_CPUS)
         elif name.startswith("idemproxy"):
             transport = name.partition("-")[2] or None
             services[name] = lab.idemproxy(
@@ -194,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name, s in services.items()
                 if args.hold and name in {m.service for m in modes} - {"upstream"}
             }
-            peaks = {name: memory_kib(s.pid, "VmHWM") for name, s in services.items()}
+            peaks = {name: s.memory_kib("VmHWM") for name, s in services.items()}
             idle = {name: s.idle_rss_kib for name, s in services.items()}
             soaked = soak(services, modes, args.soak) if args.soak else None
         finally:
@@ -226,9 +231,9 @@ def soak(services: dict[str, Service], modes: list[Mode], seconds: int) -> dict[
     service = services[name]
     load = Load(service.url + "/", 25, seconds, delay_ms=50)
     measure(service, Load(service.url + "/", 25, 10, delay_ms=50), SIDE_CPU)  # settle
-    before = memory_kib(service.pid, "VmRSS")
+    before = service.memory_kib("VmRSS")
     result = measure(service, load, SIDE_CPU)
-    after = memory_kib(service.pid, "VmRSS")
+    after = service.memory_kib("VmRSS")
     return {
         "service": name,
         "seconds": seconds,

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ def memory_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers), from /proc/<pid>/task/*/children."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                pids += process_tree(int(child))
+    return pids
+
+
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -54,6 +65,19 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> No
             return
         time.sleep(0.05)
     raise TimeoutError(f"{what} did not listen on port {port}")
+
+
+def _wait_for_ready(admin_port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    """Until /ready answers 200: with `workers`, every worker is listening by then."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        ready = f"http://127.0.0.1:{admin_port}/ready"
+        with contextlib.suppress(OSError), urllib.request.urlopen(ready, timeout=1):
+            return  # urlopen raises (HTTPError is an OSError) until it is 200
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not become ready")
 
 
 @dataclass
@@ -72,6 +96,14 @@ class Service:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the process and its workers."""
+        return sum(cpu_seconds(pid) for pid in process_tree(self.pid))
+
+    def memory_kib(self, key: str) -> int:
+        """VmRSS or VmHWM summed over the process and its workers."""
+        return sum(memory_kib(pid, key) for pid in process_tree(self.pid))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -92,12 +124,15 @@ class Lab:
     python: str = sys.executable  # the interpreter that runs the Python proxies
     services: list[Service] = field(default_factory=list)
 
-    def _pinned(self, argv: list[str], cpu: int) -> list[str]:
-        if self.pin and shutil.which("taskset") and (os.cpu_count() or 1) > cpu:
-            return ["taskset", "-c", str(cpu), *argv]
+    def _pinned(self, argv: list[str], cpu: int | tuple[int, ...]) -> list[str]:
+        cpus = (cpu,) if isinstance(cpu, int) else cpu
+        if self.pin and shutil.which("taskset") and (os.cpu_count() or 1) > max(cpus):
+            return ["taskset", "-c", ",".join(map(str, cpus)), *argv]
         return argv
 
-    def start(self, name: str, argv: list[str], port: int, cpu: int) -> Service:
+    def start(
+        self, name: str, argv: list[str], port: int, cpu: int | tuple[int, ...]
+    ) -> Service:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
             self._pinned(argv, cpu), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
@@ -106,7 +141,7 @@ class Lab:
         self.services.append(service)
         _wait_for_port(port, process, name)
         time.sleep(0.2)  # let the runtime finish importing before reading idle memory
-        service.idle_rss_kib = memory_kib(service.pid, "VmRSS")
+        service.idle_rss_kib = service.memory_kib("VmRSS")
         return service
 
     def stop_all(self) -> None:
@@ -193,32 +228,41 @@ http {{
         ]  # fmt: skip
         return self.start(f"redis-{port}", argv, port, cpu)
 
-    def idemproxy(self, name: str, config: dict[str, Any], cpu: int) -> Service:
+    def idemproxy(
+        self, name: str, config: dict[str, Any], cpu: int | tuple[int, ...]
+    ) -> Service:
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         argv = [self.python, "-m", "proxy", "run", "--config", str(path)]
-        return self.start(name, argv, int(config["listen"]["port"]), cpu)
+        service = self.start(name, argv, int(config["listen"]["port"]), cpu)
+        _wait_for_ready(int(config["admin"]["port"]), service.process, name)
+        service.idle_rss_kib = service.memory_kib("VmRSS")
+        return service
 
 
 def idemproxy_config(
-    upstream: Service, *, transport: str | None, store_url: str = "memory://"
+    upstream: Service, *, transport: str | None, store_url: str = "memory://", workers: int = 1
 ) -> dict[str, Any]:
-    """Pass-through on `/`, an idempotent POST route on `/idem`; observability as shipped."""
+    """Pass-through on `/`, an idempotent POST route on `/idem` (only for one process or a
+    shared store: workers share no memory); observability as shipped."""
     app: dict[str, Any] = {"url": upstream.url, "connect_timeout": "2s", "timeout": "30s"}
     if transport is not None:
         app["transport"] = transport
+    idempotent = {
+        "name": "idem",
+        "match": {"path_prefix": "/idem", "methods": ["POST"]},
+        "upstream": "app",
+        "idempotency": {"enabled": True},
+    }
+    shared = not store_url.startswith("memory:")
     return {
         "listen": {"host": "127.0.0.1", "port": free_port()},
         "admin": {"host": "127.0.0.1", "port": free_port()},
+        "workers": workers,
         "store": {"url": store_url},
         "upstreams": {"app": app},
         "routes": [
-            {
-                "name": "idem",
-                "match": {"path_prefix": "/idem", "methods": ["POST"]},
-                "upstream": "app",
-                "idempotency": {"enabled": True},
-            },
+            *([idempotent] if workers == 1 or shared else []),
             {"name": "default", "match": {"path_prefix": "/"}, "upstream": "app"},
         ],
     }
@@ -259,9 +303,9 @@ def run_wrk(load: Load, cpu: int | None) -> dict[str, Any]:
 
 def measure(service: Service, load: Load, client_cpu: int | None) -> dict[str, Any]:
     """One wrk run against `service`, with the CPU the service used meanwhile."""
-    before = cpu_seconds(service.pid)
+    before = service.cpu_seconds()
     report = run_wrk(load, client_cpu)
-    used = cpu_seconds(service.pid) - before
+    used = service.cpu_seconds() - before
     seconds = report["duration_us"] / 1e6
     requests = report["requests"]
     errors = sum(
@@ -290,7 +334,7 @@ def rss_with_connections(service: Service, count: int) -> int:
             sockets.append(sock)
             sock.sendall(request)
             sock.recv(65536)
-        return memory_kib(service.pid, "VmRSS")
+        return service.memory_kib("VmRSS")
     finally:
         for sock in sockets:
             sock.close()

@@ -19,10 +19,15 @@ T = TypeVar("T")
 
 
 class AdminThread:
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, socket_path: str | None = None
+    ) -> None:
+        """Serve `app` on host:port, or on the unix socket `socket_path` when given (a worker's
+        private admin endpoint, read by its supervisor)."""
         self._app = app
         self._host = host
         self._port = port
+        self._socket_path = socket_path
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="admin", daemon=True)
         self._runner: web.AppRunner | None = None
@@ -41,7 +46,12 @@ class AdminThread:
     async def _start(self) -> None:
         self._runner = web.AppRunner(self._app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port, reuse_address=True).start()
+        site: web.BaseSite
+        if self._socket_path is not None:
+            site = web.UnixSite(self._runner, self._socket_path)
+        else:
+            site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        await site.start()
 
     async def _stop(self) -> None:
         if self._runner is not None:

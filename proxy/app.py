@@ -266,16 +266,28 @@ async def _admin_post_only(request: web.Request) -> web.Response:
     return web.Response(status=404, text=f"404: no admin action {request.path}\n")
 
 
+def same_origin_only(action: AdminHandler) -> AdminHandler:
+    """Browsers send `Origin` on cross-site POSTs; curl, kubectl exec and preStop hooks do not.
+    Refusing it keeps a web page from draining the proxy through a developer's localhost."""
+
+    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+        if "Origin" in request.headers:
+            return web.Response(status=403, text="403: admin actions refuse browser requests\n")
+        return await action(request)
+
+    return guarded
+
+
 def admin_app(
     probes: Mapping[str, AdminHandler],
     actions: Mapping[str, AdminHandler],
-    metrics: Metrics | None = None,
+    metrics: AdminHandler | None = None,
 ) -> web.Application:
     """The admin port: probes and /metrics (GET) and /admin/* actions (POST)."""
     app = web.Application()
     for path, probe in probes.items():
         app.router.add_get(path, probe)
-    app.router.add_get("/metrics", (metrics or process_metrics()).handle)
+    app.router.add_get("/metrics", metrics or process_metrics().handle)
     for path, action in actions.items():
         app.router.add_post(path, action)
     app.router.add_route("*", "/admin/{tail:.*}", _admin_post_only)

@@ -7,15 +7,18 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import yaml
 
-from proxy import __version__, server
+from proxy import __version__, server, supervisor
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
 from proxy.health import connect_report
 from proxy.stores import open_store
+from proxy.worker_role import WorkerRole
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 _PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
@@ -106,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write("\n" + "\n".join(lines) + "\n")
             return EXIT_OK if reachable else EXIT_UNREACHABLE
         return EXIT_OK
-    run(config, path)
+    role = WorkerRole.from_environment()
+    if role is None and config.workers > 1:
+        return run(supervisor.supervise(config, path))
+    run(server.serve(config, path, role))
     return EXIT_OK
 
 
@@ -118,10 +124,9 @@ async def _connect(config: Config) -> tuple[bool, list[str]]:
         await store.close()
 
 
-def run(config: Config, path: str) -> None:
+def run(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # Windows: the default loop
-        asyncio.run(server.serve(config, path))
-    else:
-        uvloop.run(server.serve(config, path))
+        return asyncio.run(main)
+    return uvloop.run(main)

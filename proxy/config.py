@@ -393,9 +393,31 @@ class Reload(Model):
     debounce: Duration = 0.5
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask); a cgroup CPU limit is not seen."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _workers(value: object) -> object:
+    if value == "auto":
+        return available_cpus()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected a number of processes or 'auto', got {value!r}")
+
+
+# `auto` is resolved when the file is loaded, so `check` prints the number that will run.
+Workers = Annotated[int, BeforeValidator(_workers), Field(ge=1, le=256)]
+
+
 class Config(Model):
     listen: Listen = Listen()
     admin: Admin = Admin()
+    # Processes serving the data port (SO_REUSEPORT); above 1, `run` supervises them.
+    workers: Workers = 1
     store: Store = Store()
     upstreams: dict[str, Upstream] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
@@ -527,6 +549,28 @@ def _references(config: Config) -> Iterator[str]:
         yield from _unreachable_retries(i, route)
     if config.shutdown.drain_delay >= config.shutdown.timeout:
         yield "shutdown.drain_delay: must be shorter than shutdown.timeout"
+    yield from _workers_need_shared_store(config)
+
+
+def _workers_need_shared_store(config: Config) -> Iterator[str]:
+    """Worker processes share nothing in memory: idempotency records and quota counters kept
+    there would be per worker, so a retry on another connection could execute again."""
+    if config.workers == 1 or not config.store.url.startswith("memory:"):
+        return
+    users = [
+        f"routes[{i}].{feature}"
+        for i, route in enumerate(config.routes)
+        for feature, used in (
+            ("idempotency", route.idempotency.enabled),
+            ("quota", route.quota is not None),
+        )
+        if used
+    ]
+    if users:
+        yield (
+            f"workers: {config.workers} worker processes require a shared store "
+            f"(store.url: redis://...) for {', '.join(users)}; memory:// is per process"
+        )
 
 
 def _unreachable_retries(i: int, route: Route) -> Iterator[str]:

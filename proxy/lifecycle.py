@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin_thread import run_on
-from proxy.app import AdminHandler, DataPlane
+from proxy.app import AdminHandler, DataPlane, same_origin_only
 from proxy.events import emit, iso_time
 from proxy.health import HealthMonitor
 from proxy.reload import Reloader
@@ -122,8 +122,8 @@ class Lifecycle:
 
     def actions(self) -> dict[str, AdminHandler]:
         return {
-            "/admin/drain": _same_origin_only(self._drain_action),
-            "/admin/reload": _same_origin_only(self._reload_action),
+            "/admin/drain": same_origin_only(self._drain_action),
+            "/admin/reload": same_origin_only(self._reload_action),
         }
 
     # These run on the admin thread's loop; the work itself belongs to the main loop.
@@ -141,14 +141,3 @@ class Lifecycle:
             content_type="application/json",
         )
 
-
-def _same_origin_only(action: AdminHandler) -> AdminHandler:
-    """Browsers send `Origin` on cross-site POSTs; curl, kubectl exec and preStop hooks do not.
-    Refusing it keeps a web page from draining the proxy through a developer's localhost."""
-
-    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
-        if "Origin" in request.headers:
-            return web.Response(status=403, text="403: admin actions refuse browser requests\n")
-        return await action(request)
-
-    return guarded

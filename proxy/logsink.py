@@ -64,6 +64,17 @@ class LogSink:
         elif urgent or self._queued - self._written >= WAKE_BYTES:
             self._wake.set()
 
+    def label(self, name: str, value: int) -> None:
+        """Add `"name": value` as the last field of every line from now on (a worker process
+        names itself). Replaces `write` on this instance, so an unlabelled sink pays nothing."""
+        tail = b',"%s":%d}\n' % (name.encode(), value)
+        write = self.write
+
+        def labelled(line: bytes, urgent: bool = False) -> None:
+            write(line[:-2] + tail, urgent)  # every line ends with b"}\n"
+
+        self.write = labelled  # type: ignore[method-assign]
+
     def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for everything queued to be written; True if it was."""
         deadline = time.monotonic() + timeout

@@ -244,7 +244,7 @@ class Metrics:
             value=self._dropped(),
         )
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         """GET /metrics: rendered in a worker thread so /live and the data plane stay prompt."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         body = await asyncio.to_thread(encoder, self.registry)

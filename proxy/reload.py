@@ -27,6 +27,8 @@ RESTART_ONLY: tuple[tuple[str, ...], ...] = (
     ("limits", "max_header_bytes"),
     ("limits", "header_timeout"),
     ("reload",),
+    # The supervisor started this many processes; each worker reloads only itself.
+    ("workers",),
     # The one store is opened at start and outlives reloads.
     ("store", "url"),
     ("store", "timeout"),

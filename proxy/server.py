@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from proxy.lifecycle import Lifecycle
 from proxy.problem import problem, problem_body
 from proxy.reload import Reloader
 from proxy.stores import Store, StoreError, open_store
+from proxy.worker_role import WorkerRole
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
@@ -43,6 +45,8 @@ LINGERING_TIME = 1.0
 CLEANUP_TIMEOUT = 0.5
 # At most one `connections_rejected` warning per this many seconds, however many are refused.
 REJECTED_EVENT_INTERVAL = 10.0
+# How often a worker checks that its supervisor still runs (it drains when orphaned).
+ORPHAN_CHECK = 1.0
 
 
 # Parser errors whose message is (or quotes) the request line or a header: named, not echoed.
@@ -221,13 +225,17 @@ def target_states(plane: DataPlane) -> health.TargetStates:
     return states
 
 
-async def serve(config: Config, path: str) -> None:
+async def serve(config: Config, path: str, role: WorkerRole | None = None) -> None:
     """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
 
     SIGHUP, POST /admin/reload and changes of the file at `path` reload the config; the one
-    idempotency store outlives reloads.
+    idempotency store outlives reloads. As one of a supervisor's workers (`role`), the data
+    port is shared (SO_REUSEPORT), the admin app listens on the worker's private unix socket,
+    and every log line carries `worker`.
     """
     logsink.STDOUT.limit = config.logging.buffer_size
+    if role is not None:
+        logsink.STDOUT.label("worker", role.index)
     events.configure(config.logging.level)
     store = open_store(config.store)
     await check_store(store)
@@ -257,24 +265,31 @@ async def serve(config: Config, path: str) -> None:
     server = data_server(plane, config)
     data_runner = web.ServerRunner(server, handle_signals=False)
     admin = AdminThread(
-        admin_app(plane.probes, lifecycle.actions(), plane.runtime.metrics),
+        admin_app(plane.probes, lifecycle.actions(), plane.runtime.metrics.handle),
         config.admin.host,
         config.admin.port,
+        role.admin_socket if role is not None else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lifecycle.request_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload, "signal")
-    watcher: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
     await data_runner.setup()
     try:
         data_site = web.TCPSite(
-            data_runner, config.listen.host, config.listen.port, reuse_address=True
+            data_runner,
+            config.listen.host,
+            config.listen.port,
+            reuse_address=True,
+            reuse_port=role is not None,
         )
         await data_site.start()
         await admin.start()
         if config.reload.watch:
-            watcher = asyncio.create_task(_watch(config, Path(path), reloader))
+            tasks.append(asyncio.create_task(_watch(config, Path(path), reloader)))
+        if role is not None:
+            tasks.append(asyncio.create_task(_drain_when_orphaned(role, lifecycle)))
         if not config.logging.hash_salt:
             emit(
                 "hash_salt_random",
@@ -283,13 +298,16 @@ async def serve(config: Config, path: str) -> None:
                 "random per-process salt and cannot be correlated across replicas or restarts",
             )
         emit(
-            "started", hash=config_hash(config), listen=config.listen.port, admin=config.admin.port
+            "started",
+            hash=config_hash(config),
+            listen=config.listen.port,
+            admin=config.admin.port if role is None else role.admin_socket,
         )
         await lifecycle.stop.wait()
         await lifecycle.drain(data_site, server)
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in tasks:
+            task.cancel()
         await data_runner.cleanup()
         await reloader.close(CLEANUP_TIMEOUT)
         await plane.runtime.close()
@@ -298,6 +316,14 @@ async def serve(config: Config, path: str) -> None:
         await store.close()
         emit("stopped")
         logsink.STDOUT.flush(FLUSH_TIMEOUT)
+
+
+async def _drain_when_orphaned(role: WorkerRole, lifecycle: Lifecycle) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on
+    unsupervised."""
+    while os.getppid() == role.supervisor_pid:
+        await asyncio.sleep(ORPHAN_CHECK)
+    lifecycle.request_stop("supervisor_gone")
 
 
 async def _watch(config: Config, path: Path, reloader: Reloader) -> None:

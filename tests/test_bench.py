@@ -43,3 +43,13 @@ def test_quick_run_reports_every_mode_with_ratios(tmp_path: Path) -> None:
     table = next(tmp_path.glob("bench-*.md")).read_text()
     assert "| direct |" in table
     assert "| plain |" in table
+
+
+def test_quick_run_of_two_workers_counts_the_whole_process_tree(tmp_path: Path) -> None:
+    assert main(["--quick", "--modes", "direct,idemproxy-w2", "--out", str(tmp_path)]) == 0
+
+    report = orjson.loads(next(tmp_path.glob("bench-*.json")).read_bytes())
+    row = next(row for row in report["modes"] if row["mode"] == "idemproxy-w2")
+    assert row["rps"] > 0
+    assert row["errors"] == 0
+    assert row["idle_rss_mib"] > 100  # the supervisor and both workers, not one process

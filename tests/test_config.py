@@ -208,3 +208,33 @@ def test_config_is_frozen() -> None:
     cfg = parse(config(), {})
     with pytest.raises(ValueError, match="frozen"):
         cfg.listen.port = 1  # type: ignore[misc]
+
+
+IDEMPOTENT_ROUTE = {**ROUTE, "idempotency": {"enabled": True}}
+QUOTA_ROUTE = {**ROUTE, "name": "api", "quota": {"rate": "10/s"}}
+
+
+def test_workers_default_to_one_and_auto_means_the_cpus_we_may_use() -> None:
+    import os
+
+    assert parse(config(), {}).workers == 1
+    assert parse(config(workers="auto"), {}).workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("value", [0, -1, "lots", 1.5, True])
+def test_workers_must_be_a_positive_count_or_auto(value: object) -> None:
+    assert problems(config(workers=value))[0].startswith("workers: ")
+
+
+def test_workers_with_a_memory_store_refuse_idempotency_and_quotas_naming_the_routes() -> None:
+    found = problems(config(workers=2, routes=[IDEMPOTENT_ROUTE, QUOTA_ROUTE]))
+    assert found == [
+        "workers: 2 worker processes require a shared store (store.url: redis://...) for "
+        "routes[0].idempotency, routes[1].quota; memory:// is per process"
+    ]
+
+
+def test_workers_with_redis_or_without_stateful_routes_are_fine() -> None:
+    shared = {"url": "redis://127.0.0.1:6390/0"}
+    assert parse(config(workers=2, store=shared, routes=[IDEMPOTENT_ROUTE]), {}).workers == 2
+    assert parse(config(workers=2), {}).workers == 2

@@ -173,3 +173,14 @@ def test_startup_events_and_level(proxy_process, tmp_path: Path) -> None:
     assert started[0]["hash"] == config_hash(parse(salted.config, env={}))
     assert not any(line.get("event") == "hash_salt_random" for line in salted.json_lines())
     assert "s3cret" not in salted.stdout()
+
+
+def test_a_labelled_sink_appends_the_field_to_every_line(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    sink = LogSink(write_fd)
+    sink.label("worker", 3)
+    sink.write(_line(1))
+    sink.write(orjson.dumps({"event": "x"}, option=orjson.OPT_APPEND_NEWLINE), urgent=True)
+    assert sink.flush(5)
+    lines = [orjson.loads(line) for line in _drain(read_fd).splitlines()]
+    assert lines == [{"n": 1, "pad": "x" * 80, "worker": 3}, {"event": "x", "worker": 3}]

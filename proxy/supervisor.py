@@ -1,0 +1,386 @@
+"""`workers: N`: what `idemproxy run` becomes when N > 1.
+
+The supervisor starts N worker processes (this interpreter running `proxy run` again, told its
+index and private admin socket through the environment: proxy/worker_role.py). Each worker
+binds the data port with SO_REUSEPORT, so the kernel spreads new connections over them; the
+supervisor carries no data traffic. It binds the admin port itself and answers there from what
+the workers report over their sockets. SIGTERM and SIGINT drain every worker, SIGHUP makes each
+reload the file. A worker that exits unexpectedly is restarted with backoff; one that keeps
+exiting soon after its start (a port taken, a broken environment) stops the whole supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from proxy import __version__, events, logsink
+from proxy.app import admin_app, same_origin_only
+from proxy.config import Config
+from proxy.events import emit, iso_time
+from proxy.fleet_metrics import FleetMetrics
+from proxy.health import HEALTH_JSON, ready_text
+from proxy.worker_role import WorkerRole
+
+# Each worker's /live and /ready are read this often; the supervisor's probes answer from that.
+POLL = 0.5
+# A worker that ran this long had a good start: its exit begins a new count of quick exits.
+STABLE_AFTER = 10.0
+# This many exits in a row, each within STABLE_AFTER of the start: stop instead of spinning.
+MAX_QUICK_EXITS = 5
+BACKOFF = 0.5
+MAX_BACKOFF = 8.0
+# Beyond shutdown.timeout, how long draining workers get before they are killed.
+KILL_MARGIN = 5.0
+# Bound on one request to a worker's admin socket.
+ASK_TIMEOUT = 2.0
+EXIT_CRASH_LOOP = 1
+_STATUS_ORDER = {"pass": 0, "warn": 1, "fail": 2}
+
+
+def exit_status(returncode: int) -> int:
+    """A process's exit as a shell reports it: the code, or 128 + the signal that killed it."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def describe_exit(returncode: int) -> dict[str, Any]:
+    if returncode >= 0:
+        return {"exit_code": returncode, "signal": None}
+    return {"exit_code": None, "signal": signal.Signals(-returncode).name}
+
+
+def exit_text(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    return f"signal {signal.Signals(-returncode).name}"
+
+
+class Worker:
+    """One worker slot: the current process, its last probe results and its restart history."""
+
+    def __init__(self, role: WorkerRole) -> None:
+        self.role = role
+        self.process: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self.quick_exits = 0
+        self.restarts = 0
+        self.live = False
+        self.ready = False
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def index(self) -> int:
+        return self.role.index
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def spawn(self, config_path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.role.admin_socket)  # a socket left by the previous process
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "--config",
+            config_path,
+            env={**os.environ, **self.role.environment()},
+        )
+        self.started = time.monotonic()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    async def ask(self, method: str, path: str, accept: str = "") -> tuple[int, bytes] | None:
+        """One request to the worker's admin socket; None when it does not answer."""
+        if not self.running:
+            return None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(self.role.admin_socket),
+                timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
+            )
+        headers = {"Accept": accept} if accept else {}
+        try:
+            async with self._session.request(
+                method, "http://worker" + path, headers=headers
+            ) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+
+    async def poll(self) -> None:
+        live, ready = await asyncio.gather(self.ask("GET", "/live"), self.ask("GET", "/ready"))
+        self.live = live is not None and live[0] == 200
+        self.ready = ready is not None and ready[0] == 200
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Supervisor:
+    def __init__(self, config: Config, path: str) -> None:
+        self.config = config
+        self.path = os.path.abspath(path)
+        self.stop = asyncio.Event()
+        self.trigger = ""
+        self.exit_code = 0
+        self.restarts = 0
+        self.fleet = FleetMetrics()
+        self._dir = tempfile.mkdtemp(prefix="idemproxy-workers-")  # mode 0700: private
+        self.workers = [
+            Worker(WorkerRole(i, os.path.join(self._dir, f"worker-{i}.sock"), os.getpid()))
+            for i in range(config.workers)
+        ]
+
+    async def run(self) -> int:
+        """Supervise until told to stop, drain every worker, and return the worst exit code."""
+        runner = web.AppRunner(self.admin_app(), handle_signals=False, access_log=None)
+        await runner.setup()
+        loop = asyncio.get_running_loop()
+        try:
+            admin = self.config.admin
+            await web.TCPSite(runner, admin.host, admin.port, reuse_address=True).start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+            loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
+            emit(
+                "supervisor_started",
+                workers=len(self.workers),
+                listen=self.config.listen.port,
+                admin=admin.port,
+                pid=os.getpid(),
+            )
+            keepers = [asyncio.create_task(self._keep(worker)) for worker in self.workers]
+            poller = asyncio.create_task(self._poll())
+            await self.stop.wait()
+            await self._drain(keepers)
+            poller.cancel()
+        finally:
+            await runner.cleanup()
+            for worker in self.workers:
+                await worker.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+        emit("supervisor_stopped", exit_code=self.exit_code)
+        logsink.STDOUT.flush(2.0)
+        return self.exit_code
+
+    def request_stop(self, trigger: str) -> None:
+        if self.stop.is_set():
+            return
+        self.trigger = trigger
+        emit("supervisor_draining", trigger=trigger, workers=len(self.workers))
+        self.stop.set()
+
+    def forward(self, sig: signal.Signals) -> None:
+        for worker in self.workers:
+            worker.signal(sig)
+
+    async def _keep(self, worker: Worker) -> None:
+        """Run the worker's slot: start, wait for the exit, restart unless stopping."""
+        while not self.stop.is_set():
+            await worker.spawn(self.path)
+            assert worker.process is not None
+            if self.stop.is_set():  # the drain began while this worker was starting
+                worker.signal(signal.SIGTERM)
+            pid = worker.process.pid
+            emit("worker_started", worker=worker.index, pid=pid, restarts=worker.restarts)
+            returncode = await worker.process.wait()
+            worker.live = worker.ready = False
+            self.fleet.retire(worker.index)
+            uptime = time.monotonic() - worker.started
+            exited = {"worker": worker.index, "pid": pid, **describe_exit(returncode)}
+            if self.stop.is_set():
+                emit("worker_exited", **exited, expected=True)
+                # Killed by the forwarded SIGTERM itself: it was still starting, nothing to drain.
+                if returncode != -signal.SIGTERM:
+                    self.exit_code = max(self.exit_code, exit_status(returncode))
+                return
+            worker.quick_exits = worker.quick_exits + 1 if uptime < STABLE_AFTER else 1
+            emit("worker_exited", "warning", **exited, expected=False, uptime_s=round(uptime, 3))
+            if worker.quick_exits >= MAX_QUICK_EXITS:
+                self._give_up(worker, returncode)
+                return
+            worker.restarts += 1
+            self.restarts += 1
+            delay = min(BACKOFF * 2 ** (worker.quick_exits - 1), MAX_BACKOFF)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+    def _give_up(self, worker: Worker, returncode: int) -> None:
+        detail = (
+            f"worker {worker.index} exited {worker.quick_exits} times in a row within "
+            f"{STABLE_AFTER:g}s of starting (the last with {exit_text(returncode)}); "
+            "stopping instead of restarting it again (see its output above)"
+        )
+        emit("workers_crash_loop", "error", worker=worker.index, detail=detail)
+        print(f"idemproxy: {detail}", file=sys.stderr, flush=True)
+        self.exit_code = max(self.exit_code, EXIT_CRASH_LOOP)
+        self.request_stop("crash_loop")
+
+    async def _drain(self, keepers: list[asyncio.Task[None]]) -> None:
+        """Forward the drain to every worker, wait for them (bounded), kill what is left."""
+        self.forward(signal.SIGTERM)
+        deadline = self.config.shutdown.timeout + KILL_MARGIN
+        _, late = await asyncio.wait(keepers, timeout=deadline)
+        if late:
+            emit("workers_killed", "error", after_s=deadline, workers=len(late))
+            self.forward(signal.SIGKILL)
+            await asyncio.wait(late)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.gather(*(worker.poll() for worker in self.workers))
+            await asyncio.sleep(POLL)
+
+    # --- the admin port -------------------------------------------------------------------
+
+    def admin_app(self) -> web.Application:
+        probes = {"/live": self._live, "/ready": self._ready, "/health": self._health}
+        actions = {
+            "/admin/drain": same_origin_only(self._drain_action),
+            "/admin/reload": same_origin_only(self._reload_action),
+        }
+        return admin_app(probes, actions, self._metrics)
+
+    async def _live(self, request: web.BaseRequest) -> web.Response:
+        """200 when every worker answered its own /live at the last poll (a worker being
+        restarted does not, for a moment)."""
+        down = [str(w.index) for w in self.workers if not w.live]
+        if down:
+            return web.Response(status=503, text=f"workers not live: {', '.join(down)}\n")
+        return web.Response(text="ok")
+
+    async def _ready(self, request: web.BaseRequest) -> web.Response:
+        checks = [(f"worker:{w.index}", w.live and w.ready) for w in self.workers]
+        checks.append(("shutdown", not self.stop.is_set()))
+        status, text = ready_text(checks, "verbose" in request.query)
+        return web.Response(status=status, text=text)
+
+    async def _health(self, request: web.BaseRequest) -> web.Response:
+        answers = await asyncio.gather(*(w.ask("GET", "/health") for w in self.workers))
+        documents = [orjson.loads(a[1]) if a is not None else None for a in answers]
+        document = fleet_health(self.workers, documents, self.stop.is_set())
+        return web.Response(
+            status=503 if document["status"] == "fail" else 200,
+            body=orjson.dumps(document),
+            content_type=HEALTH_JSON,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
+        answers = await asyncio.gather(*(w.ask("GET", "/metrics") for w in self.workers))
+        for worker, answer in zip(self.workers, answers, strict=True):
+            if answer is not None and answer[0] == 200:
+                self.fleet.observed(worker.index, answer[1].decode())
+        registry = CollectorRegistry()
+        registry.register(_Families([*self.fleet.merged(), *self._own_metrics()]))
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+    def _own_metrics(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "idemproxy_workers",
+                "Worker processes answering /live.",
+                value=sum(w.live for w in self.workers),
+            ),
+            CounterMetricFamily(
+                "idemproxy_worker_restarts",
+                "Workers restarted after an unexpected exit.",
+                value=self.restarts,
+            ),
+        ]
+
+    async def _drain_action(self, request: web.BaseRequest) -> web.Response:
+        self.request_stop("admin")
+        body = {"status": "draining", "since": iso_time(time.time())}
+        return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+
+    async def _reload_action(self, request: web.BaseRequest) -> web.Response:
+        """Every worker reloads the file; 200 when all succeeded (or found it unchanged), 422
+        when one refused it, 503 when one did not answer."""
+        answers = await asyncio.gather(*(w.ask("POST", "/admin/reload") for w in self.workers))
+        results = {
+            str(w.index): orjson.loads(a[1]) if a is not None else None
+            for w, a in zip(self.workers, answers, strict=True)
+        }
+        if any(a is None for a in answers):
+            status = 503
+        else:
+            status = max(a[0] for a in answers if a is not None)
+        return web.Response(
+            status=status, body=orjson.dumps({"workers": results}), content_type="application/json"
+        )
+
+
+class _Families:
+    """A collector over metric families built for one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def fleet_health(
+    workers: list[Worker], documents: list[dict[str, Any] | None], draining: bool
+) -> dict[str, Any]:
+    """The supervisor's application/health+json: one check per worker (its own status, `fail`
+    when it did not answer) and each worker's whole document under `workers`."""
+    now = iso_time(time.time())
+    checks: dict[str, list[dict[str, Any]]] = {}
+    statuses = ["fail" if draining else "pass"]
+    for worker, document in zip(workers, documents, strict=True):
+        status = document["status"] if document is not None else "fail"
+        statuses.append(status)
+        check: dict[str, Any] = {
+            "status": status,
+            "componentType": "system",
+            "observedValue": worker.process.pid if worker.process is not None else None,
+            "observedUnit": "pid",
+            "time": now,
+            "restarts": worker.restarts,
+        }
+        output = document.get("output") if document is not None else "not answering"
+        if output:
+            check["output"] = output
+        checks[f"worker:{worker.index}"] = [check]
+    checks["proxy:draining"] = [
+        {"status": statuses[0], "componentType": "system", "observedValue": draining, "time": now}
+    ]
+    releases = {d.get("releaseId") for d in documents if d is not None}
+    status = max(statuses, key=_STATUS_ORDER.__getitem__)
+    return {
+        "status": status,
+        "version": __version__,
+        "releaseId": releases.pop() if len(releases) == 1 else None,
+        "description": f"idemproxy supervisor of {len(workers)} workers",
+        "checks": checks,
+        "workers": {str(w.index): d for w, d in zip(workers, documents, strict=True)},
+    }
+
+
+async def supervise(config: Config, path: str) -> int:
+    events.configure(config.logging.level)
+    return await Supervisor(config, path).run()
