@@ -31,6 +31,9 @@ from proxy.transport import (
 # Buffered response bytes at which reading from the upstream pauses, and resumes.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# A response head larger than this is refused (502) rather than buffered: Envoy's default
+# max_response_headers_kb is 60, nginx's proxy_buffer_size a few KiB.
+MAX_RESPONSE_HEAD = 64 * 1024
 # Idle connections older than this are closed rather than reused: upstream servers drop idle
 # keep-alive connections after a few seconds, and reusing one as it closes costs a retry.
 IDLE_TIMEOUT = 4.0
@@ -58,6 +61,8 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.head_only = False
         self.received = False
+        self.head_size = 0  # header bytes parsed so far
+        self.head_received = 0  # bytes received while the head was incomplete
         self.status = 0
         self.reason = ""
         self.headers: Headers = []
@@ -89,12 +94,21 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         self.received = True
+        if not self.head_done:
+            self.head_received += len(data)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamBroken("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"malformed upstream response: {exc}"))
+        else:
+            if self.head_size > MAX_RESPONSE_HEAD or (
+                not self.head_done and self.head_received > MAX_RESPONSE_HEAD
+            ):
+                self._fail(UpstreamBroken(
+                    f"upstream response head larger than {MAX_RESPONSE_HEAD} bytes"
+                ))
 
     def eof_received(self) -> bool:
         return False
@@ -128,6 +142,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self.head_size += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
@@ -188,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
         self.received = self.head_done = self.complete = self.sent_all = False
+        self.head_size = self.head_received = 0
         self.informational = False
         self.keep_alive = False
         self.headers = []

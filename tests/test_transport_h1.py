@@ -14,7 +14,7 @@ from proxy.transport import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from proxy.transport_h1 import HIGH_WATER, H1Transport
+from proxy.transport_h1 import HIGH_WATER, MAX_RESPONSE_HEAD, H1Transport
 from tests.support.ports import free_port
 from tests.support.scripted_upstream import CLOSE, STALL, RawUpstream
 
@@ -301,6 +301,25 @@ async def test_malformed_response_is_broken(
     with pytest.raises(UpstreamBroken) as caught:
         await h1(raw.url).send("GET", "/", [], None)
     assert caught.value.sent
+
+
+async def test_an_oversized_response_head_is_refused_not_buffered(
+    raw: RawUpstream, h1: MakeTransport
+) -> None:
+    cookies = b"".join(b"Set-Cookie: c%d=%s\r\n" % (i, b"v" * 1000) for i in range(80))
+    raw.answer(b"HTTP/1.1 200 OK\r\n" + cookies + b"Content-Length: 2\r\n\r\nok")
+    with pytest.raises(UpstreamBroken, match=f"larger than {MAX_RESPONSE_HEAD} bytes"):
+        await h1(raw.url).send("GET", "/", [], None)
+    # Refused while it is still arriving, too: never buffered until it ends.
+    raw.answer(b"HTTP/1.1 200 OK\r\nX-Endless: " + b"v" * (2 * MAX_RESPONSE_HEAD), close=False)
+    with pytest.raises(UpstreamBroken, match=f"larger than {MAX_RESPONSE_HEAD} bytes"):
+        await h1(raw.url).send("GET", "/", [], None)
+    # A head just under the limit, arriving with a large body, is fine.
+    body = b"x" * (4 * MAX_RESPONSE_HEAD)
+    big = b"X-Big: " + b"v" * (MAX_RESPONSE_HEAD - 200) + b"\r\n"
+    raw.answer(b"HTTP/1.1 200 OK\r\n" + big + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    response = await h1(raw.url).send("GET", "/", [], None)
+    assert await read_all(response) == body
 
 
 async def test_a_bad_body_arriving_with_the_head_fails_the_send(
