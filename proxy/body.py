@@ -47,13 +47,17 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
     request = ctx.request
     if request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(_CONTINUE)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = asyncio.get_running_loop().time() + timeout
     content = request.content
     while True:
         try:
-            async with asyncio.timeout_at(deadline):
+            if content.is_eof():
+                # Everything has arrived (a small body comes with the head): reading cannot
+                # wait, and a timer per read costs more than the read.
                 chunk = await content.readany()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await content.readany()
         except TimeoutError:
             error = BodyTimeout(f"the request body did not arrive within {timeout:g}s")
             raise _fail(ctx, error) from None
