@@ -65,13 +65,18 @@ def connection_tokens(values: Iterable[str]) -> frozenset[str]:
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], drop: frozenset[str] = FRAMING) -> Headers:
     """Remove hop-by-hop headers, every header named in `Connection`, and `drop` (lower-case)."""
-    items = list(headers)
-    listed = connection_tokens(v for k, v in items if k.lower() == "connection")
-    return [
-        (k, v)
-        for k, v in items
-        if (name := k.lower()) not in HOP_BY_HOP and name not in drop and name not in listed
-    ]
+    kept: list[tuple[str, str, str]] = []
+    connection: list[str] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "connection":
+            connection.append(value)
+        elif lowered not in HOP_BY_HOP and lowered not in drop:
+            kept.append((name, value, lowered))
+    if connection:  # rare on requests and responses alike: one pass otherwise
+        listed = connection_tokens(connection)
+        return [(name, value) for name, value, lowered in kept if lowered not in listed]
+    return [(name, value) for name, value, _ in kept]
 
 
 def is_trusted(peer: str, trusted: Networks) -> bool:
