@@ -94,7 +94,9 @@ class Runtime:
         # Shedding sits outside idempotency: an overloaded request never claims a key.
         handler = admission.stage(handler, upstream)
         if route.quota is not None:
-            handler = quota.stage(handler, route, self._quota_limiter())
+            handler = quota.stage(
+                handler, route, self._quota_limiter(), self.metrics.store_errors
+            )
         return handler
 
     def _quota_limiter(self) -> Limiter:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.config import Route
 from proxy.context import Handler, RequestContext
+from proxy.metrics import Cell
 from proxy.problem import problem
 from proxy.ratelimit import Decision, Limiter
 
@@ -43,7 +44,9 @@ def storage_key(route: str, identity: str) -> str:
     return f"quota:v1:{{{digest}}}"
 
 
-def stage(next_handler: Handler, route: Route, limiter: Limiter) -> Handler:
+def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: Cell) -> Handler:
+    """`store_errors` counts requests let through unlimited because the quota store failed (a
+    fail_closed refusal is counted by the access log from its error type)."""
     quota = route.quota
     assert quota is not None
     header = quota.key.removeprefix("header:") if quota.key != "client_ip" else None
@@ -59,6 +62,7 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter) -> Handler:
             decision = await limiter.acquire(storage_key(route.name, identity), interval, burst)
         except Exception:  # any store failure: the route's on_error decides
             if fail_open:
+                store_errors.value += 1
                 return await next_handler(ctx)
             ctx.error_type = "store_unavailable"
             return problem(

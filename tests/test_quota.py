@@ -133,6 +133,8 @@ async def test_quota_store_failure_follows_on_error(
     config["store"] = {"url": server.url, "timeout": "200ms"}
     client = await make_proxy(config)
     assert (await client.get("/before")).status == 200
+    store_errors = client.server.plane.runtime.metrics.store_errors  # one per process
+    errors_before = store_errors.value
     server.stall()  # SIGSTOP: the socket stays open and nothing answers
     try:
         started = time.monotonic()
@@ -144,6 +146,8 @@ async def test_quota_store_failure_follows_on_error(
     server.kill()
     response = await client.get("/down")
     assert response.status == expected
+    # Let through unlimited or refused, both requests met a store failure.
+    assert store_errors.value - errors_before == 2
     if expected == 503:
         problem = await response.json()
         assert problem["type"].endswith(":quota-store-unavailable")
