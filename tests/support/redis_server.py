@@ -25,6 +25,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.binary = binary
         self.port = port or free_port()
+        self._may_move = port is None  # a port we picked: pick again if someone takes it first
         self.workdir = workdir
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
@@ -35,15 +36,24 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-            "--maxmemory-policy", "noeviction", *self.extra,
-        ]
-        log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: ping(self.port), 10, f"redis-server on port {self.port}")
-        return self
+        for _ in range(3):
+            args = [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--maxmemory-policy", "noeviction", *self.extra,
+            ]
+            log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
+            process = self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            # Up when it answers; gone when it could not bind (another process took the port).
+            wait_until(lambda p=process: p.poll() is not None or ping(self.port), 10,
+                       f"redis-server on port {self.port}")
+            if process.poll() is None:
+                self._may_move = False  # restarts keep the URL the test already holds
+                return self
+            if not self._may_move:
+                break
+            self.port = free_port()
+        raise RuntimeError(f"redis-server could not start on port {self.port}: see {log.name}")
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(
