@@ -3,8 +3,9 @@ script on one Cluster slot), each transition one Lua script with compare-and-set
 token, expiry by the server (`PEXPIRE`), never by the proxy's clock.
 
 Every operation is bounded by the store budget as a whole. The scripts are idempotent for
-their owner, so redis-py's one reconnect-retry (which re-sends the command) is harmless and a
-claim whose reply was lost is recognised when it is repeated or read back.
+their owner, so the one reconnect-retry of either client (which re-sends the command) is harmless
+and a claim whose reply was lost is recognised when it is repeated or read back. How the scripts
+reach Redis is `proxy.stores.scripts`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.asyncio import RedisCluster
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy import redis_client
+from proxy.resp import Arg, RespConnectionError, RespError
 from proxy.stores.base import (
     COMPLETED,
     SCHEMA_VERSION,
@@ -29,12 +28,13 @@ from proxy.stores.base import (
     StoreError,
     StoreTimeout,
 )
+from proxy.stores.scripts import Script, ScriptRunner, runner_for
 
 KEY_PREFIX = f"idem:v{SCHEMA_VERSION}:"
 
 # KEYS[1] record; ARGV token, fingerprint, lease ms, schema version.
 # Returns 0 when the caller owns the record (new, or its own earlier claim), else the record.
-_CLAIM = """
+_CLAIM = Script("""
 local token = redis.call('HGET', KEYS[1], 'token')
 if not token then
   redis.call('DEL', KEYS[1])
@@ -47,20 +47,20 @@ local record = redis.call('HGETALL', KEYS[1])
 record[#record + 1] = 'pttl'
 record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
 return record
-"""
+""")
 
-_GET = """
+_GET = Script("""
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return 0 end
 record[#record + 1] = 'pttl'
 record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
 return record
-"""
+""")
 
 # ARGV token, new state, ttl ms, status, headers json, body, replayable (1|0).
 # completed: store the response and restart the expiry at the retention ttl;
 # indeterminate: keep the remaining lease. Repeating a finished transition answers 1.
-_COMPLETE = """
+_COMPLETE = Script("""
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == ARGV[2] then return 1 end
@@ -73,13 +73,13 @@ redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[4], 'headers', 
            'body', ARGV[6], 'replayable', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
-"""
+""")
 
-_RELEASE = """
+_RELEASE = Script("""
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then return 0 end
 return redis.call('DEL', KEYS[1])
-"""
+""")
 
 
 def redis_key(key: str) -> str:
@@ -88,20 +88,6 @@ def redis_key(key: str) -> str:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-def _text(value: object) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
-
-
-async def _evaluate(script: AsyncScript, key: str, args: Sequence[bytes | str | int] = ()) -> Any:
-    """`script` on the record at `key`. redis-py loads a script the server lacks only after the
-    first EVALSHA; when that EVALSHA's reconnect-retry reached another server (the new primary
-    after a failover), its NOSCRIPT comes back unhandled, so the script runs once more."""
-    try:
-        return await script(keys=[key], args=args)
-    except NoScriptError:
-        return await script(keys=[key], args=args)
 
 
 def parse_record(reply: Sequence[bytes]) -> Record:
@@ -128,17 +114,13 @@ def parse_record(reply: Sequence[bytes]) -> Record:
 
 
 class RedisStore:
-    def __init__(self, client: redis_client.Client, budget: float) -> None:
-        self.client = client
+    def __init__(self, runner: ScriptRunner, budget: float) -> None:
+        self.runner = runner
         self.budget = budget
-        self._claim = client.register_script(_CLAIM)
-        self._get = client.register_script(_GET)
-        self._complete = client.register_script(_COMPLETE)
-        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, budget: float) -> RedisStore:
-        return cls(redis_client.connect(url, budget), budget)
+        return cls(runner_for(url, budget), budget)
 
     async def _run(self, coro: Any, deadline: float | None = None) -> Any:
         if deadline is None:
@@ -148,22 +130,24 @@ class RedisStore:
                 return await coro
         except (TimeoutError, RedisTimeoutError) as exc:
             raise StoreTimeout(f"redis did not answer within {self.budget:g}s") from exc
-        except (RedisError, OSError) as exc:
+        except (RedisError, RespError, RespConnectionError, OSError) as exc:
             raise StoreError(f"redis: {exc or type(exc).__name__}") from exc
 
+    def _evaluate(self, script: Script, key: str, args: Sequence[Arg] = ()) -> Any:
+        return self.runner.evaluate(script, redis_key(key), args)
+
     async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> Record | None:
-        rkey = redis_key(key)
         deadline = asyncio.get_running_loop().time() + self.budget
-        args: list[str | int] = [token, fingerprint, _ms(lease), SCHEMA_VERSION]
+        args: list[Arg] = [token, fingerprint, _ms(lease), SCHEMA_VERSION]
         try:
-            reply = await self._run(_evaluate(self._claim, rkey, args), deadline)
+            reply = await self._run(self._evaluate(_CLAIM, key, args), deadline)
         except StoreTimeout:
             raise  # the budget is spent; the caller takes the token back in the background
         except StoreError as exc:
             # The claim may have been applied before the connection failed: read it back
             # within what is left of the same budget.
             try:
-                reply = await self._run(_evaluate(self._get, rkey), deadline)
+                reply = await self._run(self._evaluate(_GET, key), deadline)
             except StoreError:
                 raise StoreTimeout(f"claim outcome unknown: {exc}") from exc
             if reply == 0:
@@ -173,11 +157,11 @@ class RedisStore:
         return None if reply == 0 else parse_record(reply)
 
     async def get(self, key: str) -> Record | None:
-        reply = await self._run(_evaluate(self._get, redis_key(key)))
+        reply = await self._run(self._evaluate(_GET, key))
         return None if reply == 0 else parse_record(reply)
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
-        args: list[bytes | str | int] = [
+        args: list[Arg] = [
             token,
             COMPLETED,
             _ms(ttl),
@@ -186,36 +170,29 @@ class RedisStore:
             response.body,
             int(response.replayable),
         ]
-        return bool(await self._run(_evaluate(self._complete, redis_key(key), args)))
+        return bool(await self._run(self._evaluate(_COMPLETE, key, args)))
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
-        args: list[bytes | str | int] = [token, "indeterminate", 0, 0, b"", b"", 0]
-        return bool(await self._run(_evaluate(self._complete, redis_key(key), args)))
+        args: list[Arg] = [token, "indeterminate", 0, 0, b"", b"", 0]
+        return bool(await self._run(self._evaluate(_COMPLETE, key, args)))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._run(_evaluate(self._release, redis_key(key), [token])))
+        return bool(await self._run(self._evaluate(_RELEASE, key, [token])))
 
     async def ping(self) -> float:
         started = time.perf_counter()
-        await self._run(self.client.ping())
+        await self._run(self.runner.ping())
         return time.perf_counter() - started
 
     async def eviction_policy(self) -> str | None:
         """The `maxmemory-policy`; on a Cluster, the first primary's that is not noeviction."""
         try:
-            if isinstance(self.client, RedisCluster):
-                per_node = await self._run(
-                    self.client.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
-                )
-                replies = list(per_node.values())
-            else:
-                replies = [await self._run(self.client.config_get("maxmemory-policy"))]
+            policies = await self._run(self.runner.config_values("maxmemory-policy"))
         except StoreError as exc:
-            if isinstance(exc.__cause__, ResponseError):  # CONFIG disabled (managed Redis)
+            if isinstance(exc.__cause__, (ResponseError, RespError)):  # CONFIG disabled
                 return None
             raise
-        policies = [_text(r.get("maxmemory-policy")) for r in replies if isinstance(r, dict)]
         return next((p for p in policies if p != "noeviction"), policies[0] if policies else None)
 
     async def close(self) -> None:
-        await redis_client.close(self.client)
+        await self.runner.close()

@@ -12,6 +12,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from proxy import redis_client
 from proxy.stores import RedisStore, StoreError, StoreTimeout
+from proxy.stores.scripts import RedisPyRunner
 from tests.support.eventually import eventually
 from tests.support.ports import wait_until
 from tests.support.redis_server import RedisServer
@@ -48,10 +49,18 @@ async def assert_every_reply_is_its_own(store: RedisStore) -> None:
         assert (record.token, record.fingerprint) == (token(key), f"fp-{key}")
 
 
+def store_over(client: str, url: str, budget: float) -> RedisStore:
+    """A store on `url` through the RESP client (`redis://`) or redis-py (TLS, Sentinel, Cluster)."""
+    if client == "redis-py":
+        return RedisStore(RedisPyRunner(redis_client.connect(url, budget)), budget)
+    return RedisStore.from_url(url, budget)
+
+
+@pytest.mark.parametrize("client", ["resp", "redis-py"])
 async def test_commands_cut_off_before_their_reply_never_hand_it_to_the_next(
-    relay: DelayingRelay,
+    relay: DelayingRelay, client: str
 ) -> None:
-    store = RedisStore.from_url(relay.url, 0.2)
+    store = store_over(client, relay.url, 0.2)
     try:
         await assert_every_reply_is_its_own(store)
         # Replies now arrive after the budget: each command is sent, then abandoned mid-read.
@@ -83,7 +92,10 @@ async def test_an_exhausted_pool_waits_for_a_connection_within_the_budget(
     relay: DelayingRelay,
 ) -> None:
     budget = 1.0
-    store = RedisStore(redis_client.connect(relay.url, budget, max_connections=2), budget)
+    # redis-py's pool (TLS, Sentinel, Cluster); the RESP client multiplexes instead of pooling.
+    store = RedisStore(
+        RedisPyRunner(redis_client.connect(relay.url, budget, max_connections=2)), budget
+    )
     loop = asyncio.get_running_loop()
     try:
         # 24 commands of 50 ms on two connections: they queue for a connection and all succeed.
@@ -120,7 +132,8 @@ async def test_readonly_from_a_demoted_primary_is_retried_on_the_new_one(
         # the old primary never went down (Sentinel's CLIENT KILL came before it was opened),
         # and a primary that restarted on the way, so neither server has the scripts loaded.
         old.cli("SCRIPT", "FLUSH")
-        pool = store.client.connection_pool
+        assert isinstance(store.runner, RedisPyRunner)
+        pool = store.runner.client.connection_pool
         connection = await pool.get_connection()
         await connection.disconnect()
         connection.host, connection.port = "127.0.0.1", old.port

@@ -1,0 +1,107 @@
+"""The RESP client against real redis-servers (and a raw socket server for protocol faults)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from proxy.resp import RespClient, RespConnectionError, RespError, pack
+from tests.support.faults import refusing_url, unanswered_url
+from tests.support.redis_server import RedisServer
+
+
+def test_pack_is_a_resp_array_of_bulk_strings() -> None:
+    assert pack(("SET", b"k\r\n", 42)) == b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n42\r\n"
+    assert pack(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
+
+
+@pytest.fixture
+def server(redis_server: Callable[..., RedisServer]) -> RedisServer:
+    return redis_server()
+
+
+@pytest.fixture
+async def client(server: RedisServer) -> AsyncIterator[RespClient]:
+    resp = RespClient("127.0.0.1", server.port, connect_timeout=1.0)
+    yield resp
+    await resp.close()
+
+
+async def test_replies_in_their_types(client: RespClient) -> None:
+    assert await client.execute("SET", "k", b"\x00\xff") == b"OK"
+    assert await client.execute("GET", "k") == b"\x00\xff"
+    assert await client.execute("GET", "missing") is None
+    assert await client.execute("INCRBY", "n", 5) == 5
+    assert await client.execute("EVAL", "return {1, 'a'}", 0) == [1, b"a"]
+    with pytest.raises(RespError, match=r"^NOSCRIPT"):
+        await client.execute("EVALSHA", "0" * 40, 0)
+    with pytest.raises(RespError, match="WRONGTYPE"):
+        await client.execute("HGET", "k", "field")
+
+
+async def test_many_commands_at_once_each_get_their_own_reply(client: RespClient) -> None:
+    replies = await asyncio.gather(*(client.execute("ECHO", f"m{i}") for i in range(500)))
+    assert replies == [f"m{i}".encode() for i in range(500)]
+
+
+async def test_a_broken_connection_that_had_worked_is_replaced_once(
+    client: RespClient, server: RedisServer
+) -> None:
+    assert await client.execute("PING") == b"PONG"
+    assert await client.execute("PING") == b"PONG"  # both connections open
+    killed = int(server.cli("CLIENT", "KILL", "TYPE", "normal"))
+    assert killed >= 2
+    assert await client.execute("ECHO", "after") == b"after"
+
+
+async def test_auth_and_database_are_set_on_every_connection(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    server = redis_server("--requirepass", "s3cret", "--user", "app", "on", ">apppw", "~*", "+@all")
+    plain = RespClient("127.0.0.1", server.port, password="s3cret", db=3, connect_timeout=1.0)
+    named = RespClient(
+        "127.0.0.1", server.port, username="app", password="apppw", db=3, connect_timeout=1.0
+    )
+    wrong = RespClient("127.0.0.1", server.port, password="nope", connect_timeout=1.0)
+    try:
+        assert await plain.execute("SET", "where", "db3") == b"OK"
+        assert await named.execute("GET", "where") == b"db3"
+        assert server.cli("-a", "s3cret", "--no-auth-warning", "-n", "3", "GET", "where") == "db3"
+        with pytest.raises(RespError):
+            await wrong.execute("PING")
+    finally:
+        for resp in (plain, named, wrong):
+            await resp.close()
+
+
+async def test_unreachable_servers_fail_fast_and_within_the_connect_bound() -> None:
+    port = int(refusing_url().rsplit(":", 1)[1])
+    with pytest.raises(RespConnectionError, match="cannot connect"):
+        await RespClient("127.0.0.1", port, connect_timeout=1.0).execute("PING")
+    with unanswered_url() as url:
+        port = int(url.rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RespConnectionError, match="timed out"):
+            await RespClient("127.0.0.1", port, connect_timeout=0.3).execute("PING")
+        assert loop.time() - started < 0.3 + 0.5
+
+
+async def test_a_server_speaking_garbage_is_cut_off() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"?not resp\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    resp = RespClient("127.0.0.1", port, connect_timeout=1.0, connections=1)
+    try:
+        with pytest.raises(RespConnectionError, match="protocol error"):
+            await resp.execute("PING")
+    finally:
+        await resp.close()
+        server.close()
+        await server.wait_closed()
