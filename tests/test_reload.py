@@ -63,6 +63,19 @@ def reload_events(proc: ProxyProcess) -> list[dict[str, Any]]:
     return [line for line in proc.json_lines() if line.get("event") == "config_reload"]
 
 
+async def logged_reloads(
+    proc: ProxyProcess, count: int, result: str | None = None
+) -> list[dict[str, Any]]:
+    """The `config_reload` events (of `result`) once `count` are in the output: the log writer
+    thread may still hold the last one when the reload's effect is already visible."""
+
+    async def logged() -> list[dict[str, Any]] | None:
+        events = [e for e in reload_events(proc) if result in (None, e["result"])]
+        return events if len(events) >= count else None
+
+    return await eventually(logged, 5, f"{count} config_reload events in the output")
+
+
 async def test_sighup_swaps_in_the_new_config_and_logs_both_hashes(
     proxy_process: Any, upstream: RecordingUpstream
 ) -> None:
@@ -78,7 +91,7 @@ async def test_sighup_swaps_in_the_new_config_and_logs_both_hashes(
 
     await eventually(applied, 10, "the reloaded route")
     assert await status_of(proc.url + "/v1/x") == 200
-    (event,) = reload_events(proc)
+    (event,) = await logged_reloads(proc, 1)
     assert event["result"] == "success"
     assert event["trigger"] == "signal"
     assert event["old_hash"] == hash_of(config)
@@ -134,7 +147,7 @@ async def test_bad_reloads_keep_the_last_good_config(
     assert (await health_of(proc))["status"] == "pass"
     status, attempt = await admin_reload(proc)
     assert (status, attempt["result"]) == (200, "unchanged")
-    failures = [e for e in reload_events(proc) if e["result"] == "failure"]
+    failures = await logged_reloads(proc, 3, "failure")
     assert len(failures) == 3
     assert all(e["level"] == "error" and e["running_hash"] == running for e in failures)
 
@@ -235,7 +248,7 @@ async def test_configmap_symlink_swap_is_reloaded(
 
         await eventually(applied, 10, "the swapped ConfigMap")
         assert os.stat(proc.config_path).st_mtime_ns >= before
-        (event,) = reload_events(proc)
+        (event,) = await logged_reloads(proc, 1)
         assert (event["trigger"], event["result"]) == ("file", "success")
 
         proc.publish("routes: [unclosed\n")
