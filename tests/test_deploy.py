@@ -613,12 +613,18 @@ def test_metrics_endpoint_exposes_what_alerts_and_dashboard_use(
     config["routes"].insert(0, {"name": "keyed", "match": {"path_prefix": "/k"},
                                 "upstream": "app", "idempotency": {"enabled": True}})
     proxy = proxy_process(config)
-    with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=5) as response:
-        exposition = response.read().decode()
-    exposed: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            exposed.setdefault(base_name(sample.name), set()).update(sample.labels)
+
+    def exposed_labels() -> dict[str, set[str]] | None:
+        with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=5) as response:
+            exposition = response.read().decode()
+        exposed: dict[str, set[str]] = {}
+        for family in text_string_to_metric_families(exposition):
+            for sample in family.samples:
+                exposed.setdefault(base_name(sample.name), set()).update(sample.labels)
+        # idemproxy_upstream_up appears once the first health check has an answer.
+        return exposed if "idemproxy_upstream_up" in exposed else None
+
+    exposed = wait_until(exposed_labels, 5, "the first health check in /metrics")
     assert {name: exposed.get(name, set()) - {"le"} for name in LABELS} == LABELS
 
 
