@@ -13,11 +13,11 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from proxy import redis_client
+from proxy.stores.scripts import Script, runner_for
 
-_REDIS_STEP = """
+_REDIS_STEP = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -30,7 +30,7 @@ end
 local ttl = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%d', ttl))
 return {1, new_tat - now}
-"""
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +89,14 @@ class RedisLimiter:
     bounds each check (client retries included) so a stalled Redis costs at most that."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        self._client = redis_client.connect(url, timeout)
+        self._runner = runner_for(url, timeout)
         self._timeout = timeout
-        self._step: Any = self._client.register_script(_REDIS_STEP)
 
     async def acquire(self, key: str, interval: float, burst: int) -> Decision:
         step = max(1, round(interval * 1_000_000))
         async with asyncio.timeout(self._timeout):
-            allowed, ahead = await self._step(keys=[key], args=[step, burst])
+            allowed, ahead = await self._runner.evaluate(_REDIS_STEP, key, [step, burst])
         return decide(bool(allowed), int(ahead) / 1_000_000, step / 1_000_000, burst)
 
     async def close(self) -> None:
-        await redis_client.close(self._client)
+        await self._runner.close()
