@@ -1,4 +1,4 @@
-"""How the Redis store reaches Redis: a script runner per store URL.
+"""How the Redis store and the Redis quota limiter reach Redis: a Lua script runner per URL.
 
 `redis://` (one standalone server) goes through `proxy.resp`, about six times cheaper per
 command than redis-py; `rediss://` (TLS), `redis+sentinel://` and `redis+cluster://` go through
