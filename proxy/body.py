@@ -47,7 +47,7 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
     request = ctx.request
     if request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(_CONTINUE)
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = None  # counted from the first read that can wait
     content = request.content
     while True:
         try:
@@ -56,6 +56,8 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
                 # wait, and a timer per read costs more than the read.
                 chunk = await content.readany()
             else:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + timeout
                 async with asyncio.timeout_at(deadline):
                     chunk = await content.readany()
         except TimeoutError:

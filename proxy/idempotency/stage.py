@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
+import random
 from collections.abc import Awaitable, Callable, Coroutine
 
 from aiohttp import web
@@ -229,9 +229,10 @@ def stage(
             request.headers.get("Content-Type"),
             payload,
         )
-        token = secrets.token_hex(16)
-        loop = asyncio.get_running_loop()
-        wait_until = 0.0 if wait_timeout is None else loop.time() + wait_timeout
+        # Unique, not secret (it never leaves the proxy and the store: it tells owners apart),
+        # so not from the OS: os.urandom is a syscall per request.
+        token = f"{random.getrandbits(128):032x}"
+        wait_until: float | None = None
         poll = FIRST_POLL
         while True:
             try:
@@ -241,10 +242,15 @@ def stage(
             if record is None:
                 ctx.idempotency_outcome = "miss"
                 return await execute(ctx, record_key, token)
-            remaining = wait_until - loop.time()
-            if record.state != IN_FLIGHT or record.fingerprint != fp or remaining <= 0:
+            if record.state != IN_FLIGHT or record.fingerprint != fp or wait_timeout is None:
                 return answer(ctx, record, fp)
             # on_concurrent: wait. Claiming again both polls and takes over a released key.
+            now = asyncio.get_running_loop().time()
+            if wait_until is None:
+                wait_until = now + wait_timeout
+            remaining = wait_until - now
+            if remaining <= 0:
+                return answer(ctx, record, fp)
             await asyncio.sleep(min(poll, remaining))
             poll = min(poll * 2, MAX_POLL)
 
