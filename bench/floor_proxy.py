@@ -12,7 +12,7 @@ import sys
 import uvloop
 from aiohttp import web
 
-from proxy.transport_h1 import H1Transport
+from proxy.upstream.h1 import H1Transport
 
 FRAMING = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 

@@ -20,11 +20,11 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import generate_latest
 
-from proxy.access_log import AccessLog
-from proxy.app import live
 from proxy.config import Logging, parse
-from proxy.context import RequestContext
-from proxy.metrics import Metrics
+from proxy.http.context import RequestContext
+from proxy.observability.access_log import AccessLog
+from proxy.observability.metrics import Metrics
+from proxy.pipeline.runtime import live
 
 
 def _metrics(routes: int) -> Metrics:

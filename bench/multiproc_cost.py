@@ -12,7 +12,7 @@ import timeit
 from collections.abc import Callable
 
 from proxy.config import parse
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
 
 ROUNDS = 200_000
 CONFIG = parse(

@@ -12,11 +12,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from proxy import __version__, server, supervisor
+from proxy import __version__
+from proxy.admin.health import connect_report
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
-from proxy.health import connect_report
+from proxy.server import serve as server
+from proxy.server import supervisor
+from proxy.server.worker_role import WorkerRole
 from proxy.stores import open_store
-from proxy.worker_role import WorkerRole
 
 T = TypeVar("T")
 

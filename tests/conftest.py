@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient
 
-from proxy.app import DataPlane, Runtime
 from proxy.config import parse
-from proxy.server import data_server
+from proxy.pipeline.runtime import DataPlane, Runtime
+from proxy.server.serve import data_server
 from tests.support.lines import Lines
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.redis_server import RedisServer

@@ -10,11 +10,11 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import make_mocked_request
 
-from proxy import events, logsink
-from proxy.access_log import AccessLog, allowed_query, encode
 from proxy.config import Logging
-from proxy.context import RequestContext
-from proxy.metrics import Metrics
+from proxy.http.context import RequestContext
+from proxy.observability import events, logsink
+from proxy.observability.access_log import AccessLog, allowed_query, encode
+from proxy.observability.metrics import Metrics
 from tests.support.lines import Lines
 from tests.support.observed import observe
 from tests.support.ports import free_port, wait_until

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from proxy.config import CircuitBreaker as BreakerConfig
+from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from tests.support.faults import hang_until, poll_status, refusing_url, status
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream, echo

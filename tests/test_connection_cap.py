@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy import events, logsink, server
+from proxy.observability import events, logsink
+from proxy.server import serve as server
 from tests.conftest import MakeProxy
 from tests.support.lines import Lines
 from tests.support.proxy_process import base_config

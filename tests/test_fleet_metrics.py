@@ -6,9 +6,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin.fleet_metrics import FleetMetrics
 from proxy.config import parse
-from proxy.fleet_metrics import FleetMetrics
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
 
 CONFIG = parse(
     {

@@ -2,7 +2,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from proxy.headers import (
+from proxy.http.headers import (
     client_address,
     connection_tokens,
     downstream_response_headers,

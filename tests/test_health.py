@@ -14,12 +14,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy import health
-from proxy.admin_thread import AdminThread
-from proxy.app import admin_app
+from proxy.admin import health
+from proxy.admin.health import HealthMonitor, ReloadAttempt
+from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash, parse
 from proxy.config import Store as StoreConfig
-from proxy.health import HealthMonitor, ReloadAttempt
+from proxy.pipeline.runtime import admin_app
 from proxy.stores import Store, open_store
 from tests.support.eventually import eventually
 from tests.support.ports import free_port

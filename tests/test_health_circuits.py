@@ -1,5 +1,5 @@
 """/health shows each upstream target's weight and circuit state next to its active check, as
-`proxy.server` wires it: in-process for the states, and in a real `idemproxy run`."""
+`proxy.server.serve` wires it: in-process for the states, and in a real `idemproxy run`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.app import DataPlane
+from proxy.admin.health import HealthMonitor, upstream_check
 from proxy.config import parse
-from proxy.health import HealthMonitor, upstream_check
-from proxy.server import target_states
+from proxy.pipeline.runtime import DataPlane
+from proxy.server.serve import target_states
 from tests.conftest import MakeProxy
 from tests.support.eventually import eventually
 from tests.support.upstream import RecordingUpstream

@@ -13,9 +13,9 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import events, logsink
 from proxy.config import config_hash, parse
-from proxy.logsink import LogSink
+from proxy.observability import events, logsink
+from proxy.observability.logsink import LogSink
 from tests.support.lines import Lines
 from tests.support.ports import wait_until
 from tests.support.proxy_process import ProxyProcess, base_config

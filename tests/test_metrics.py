@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import Runtime
 from proxy.config import parse
-from proxy.metrics import BUCKETS, Metrics
+from proxy.observability.metrics import BUCKETS, Metrics
+from proxy.pipeline.runtime import Runtime
 from tests.support.observed import observe
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import Runtime
 from proxy.config import parse
-from proxy.quota import policy_header, state_header, storage_key
-from proxy.ratelimit import MemoryLimiter, RedisLimiter, decide
+from proxy.pipeline.runtime import Runtime
+from proxy.quota.limiter import MemoryLimiter, RedisLimiter, decide
+from proxy.quota.stage import policy_header, state_header, storage_key
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream
 

@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import BlockingConnectionPool, RedisCluster
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.redis_client import BlockingSentinelConnectionPool, close, connect
+from proxy.redis.client import BlockingSentinelConnectionPool, close, connect
 from proxy.stores import RedisStore, StoreError
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer

@@ -16,7 +16,7 @@ import yaml
 from aiohttp import web
 
 from proxy.config import config_hash, parse
-from proxy.reload import file_signature, restart_required, watch
+from proxy.server.reload import file_signature, restart_required, watch
 from tests.support.eventually import eventually
 from tests.support.idempotency import idem_config
 from tests.support.ports import free_port

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.resp import RespClient, RespConnectionError, RespError, pack
+from proxy.redis.resp import RespClient, RespConnectionError, RespError, pack
 from tests.support.faults import refusing_url, unanswered_url
 from tests.support.redis_server import RedisServer
 

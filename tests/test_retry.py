@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy import retry
 from proxy.config import Retries
 from proxy.config import Upstream as UpstreamConfig
-from proxy.context import RequestContext
-from proxy.transport import UpstreamNotSent, UpstreamTimeout
-from proxy.upstreams import Upstream
+from proxy.http.context import RequestContext
+from proxy.upstream import retry
+from proxy.upstream.targets import Upstream
+from proxy.upstream.transport import UpstreamNotSent, UpstreamTimeout
 from tests.support.faults import first_then, hang_until, refusing_url, status, unanswered_url
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream, echo

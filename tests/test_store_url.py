@@ -1,7 +1,7 @@
 import pytest
 
 from proxy.config import ConfigError, parse
-from proxy.store_url import parse_url, redact
+from proxy.config.store_url import parse_url, redact
 from tests.support.proxy_process import base_config
 
 

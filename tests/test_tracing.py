@@ -9,7 +9,7 @@ from aiohttp import ClientSession
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.tracing import (
+from proxy.observability.tracing import (
     MAX_TRACESTATE,
     new_span_id,
     new_trace_id,

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.transport import AiohttpTransport, Transport
-from proxy.transport_h1 import H1Transport
+from proxy.upstream.h1 import H1Transport
+from proxy.upstream.transport import AiohttpTransport, Transport
 from tests.support.scripted_upstream import RawUpstream
 from tests.support.upstream import RecordingUpstream
 

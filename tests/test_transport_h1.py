@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.transport import (
+from proxy.upstream.h1 import HIGH_WATER, MAX_RESPONSE_HEAD, H1Transport
+from proxy.upstream.transport import (
     UpstreamBroken,
     UpstreamNotSent,
     UpstreamResponse,
     UpstreamTimeout,
 )
-from proxy.transport_h1 import HIGH_WATER, MAX_RESPONSE_HEAD, H1Transport
 from tests.support.ports import free_port
 from tests.support.scripted_upstream import CLOSE, STALL, RawUpstream
 
@@ -188,7 +188,7 @@ async def test_close_delimited_response_reads_to_eof(raw: RawUpstream, h1: MakeT
 async def test_long_idle_connection_is_not_reused(
     raw: RawUpstream, h1: MakeTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("proxy.transport_h1.IDLE_TIMEOUT", 0.0)
+    monkeypatch.setattr("proxy.upstream.h1.IDLE_TIMEOUT", 0.0)
     raw.answer(OK_HELLO)
     raw.answer(OK_HELLO)
     transport = h1(raw.url)

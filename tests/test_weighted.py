@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import Runtime
 from proxy.config import Upstream as UpstreamConfig
 from proxy.config import parse
-from proxy.upstreams import Upstream
+from proxy.pipeline.runtime import Runtime
+from proxy.upstream.targets import Upstream
 from tests.support.faults import hang_until
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream

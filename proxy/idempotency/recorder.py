@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.headers import replay_headers
+from proxy.http.headers import replay_headers
 from proxy.stores.base import StoredResponse
 
 # "Try again" answers: storing them would make a transient refusal permanent.

@@ -16,15 +16,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import body
 from proxy.config import Limits, Route
 from proxy.config import Store as StoreConfig
-from proxy.context import Handler, RequestContext
-from proxy.headers import SERVER
+from proxy.http import body
+from proxy.http.context import Handler, RequestContext
+from proxy.http.headers import SERVER
+from proxy.http.problem import problem
 from proxy.idempotency.fingerprint import fingerprint
 from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
 from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
-from proxy.problem import problem
 from proxy.stores.base import IN_FLIGHT, INDETERMINATE, Record, Store, StoreError, StoreTimeout
 
 HEADER = "Idempotency-Key"

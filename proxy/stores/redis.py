@@ -5,7 +5,7 @@ token, expiry by the server (`PEXPIRE`), never by the proxy's clock.
 Every operation is bounded by the store budget as a whole. The scripts are idempotent for
 their owner, so the one reconnect-retry of either client (which re-sends the command) is harmless
 and a claim whose reply was lost is recognised when it is repeated or read back. How the scripts
-reach Redis is `proxy.stores.scripts`.
+reach Redis is `proxy.redis.scripts`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.resp import Arg, RespConnectionError, RespError
+from proxy.redis.resp import Arg, RespConnectionError, RespError
+from proxy.redis.scripts import Script, ScriptRunner, runner_for
 from proxy.stores.base import (
     COMPLETED,
     SCHEMA_VERSION,
@@ -28,7 +29,6 @@ from proxy.stores.base import (
     StoreError,
     StoreTimeout,
 )
-from proxy.stores.scripts import Script, ScriptRunner, runner_for
 
 KEY_PREFIX = f"idem:v{SCHEMA_VERSION}:"
 

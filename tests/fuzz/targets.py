@@ -10,10 +10,11 @@ import re
 from collections.abc import Callable
 from ipaddress import ip_network
 
-from proxy import headers, tracing
 from proxy.config import ConfigError, loads
+from proxy.http import headers
+from proxy.http.request_checks import check_request
 from proxy.idempotency import keys
-from proxy.request_checks import check_request
+from proxy.observability import tracing
 
 _HEX = re.compile(r"[0-9a-f]+")
 TRUSTED = [ip_network("10.0.0.0/8"), ip_network("::1/128")]

@@ -9,9 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import tracing
 from proxy.config import Config, ConfigError, parse
 from proxy.idempotency.keys import MAX_KEY_LENGTH, parse_key
+from proxy.observability import tracing
 from tests.fuzz import targets
 
 HEX = "0123456789abcdef"

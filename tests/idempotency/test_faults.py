@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import redis_client
+from proxy.redis import client as redis_client
 from tests.support.idempotency import assert_problem, idem_config
 from tests.support.proxy_process import ProxyProcess
 from tests.support.redis_server import RedisServer

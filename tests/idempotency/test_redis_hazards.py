@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio.connection import AbstractConnection
 
-from proxy import redis_client
+from proxy.redis import client as redis_client
+from proxy.redis.scripts import RedisPyRunner
 from proxy.stores import RedisStore, StoreError, StoreTimeout
-from proxy.stores.scripts import RedisPyRunner
 from tests.support.eventually import eventually
 from tests.support.ports import wait_until
 from tests.support.redis_server import RedisServer

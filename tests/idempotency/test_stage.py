@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.config import parse
-from proxy.context import RequestContext
+from proxy.http.context import RequestContext
 from proxy.idempotency import stage
 from proxy.idempotency.keys import KeyHasher
 from proxy.stores import MemoryStore, Store

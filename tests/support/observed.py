@@ -10,9 +10,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxy.app import DataPlane, Runtime
 from proxy.config import parse
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
+from proxy.pipeline.runtime import DataPlane, Runtime
 from tests.conftest import ProxyTestServer
 from tests.support.lines import Lines
 

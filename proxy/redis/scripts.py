@@ -1,8 +1,8 @@
 """How the Redis store and the Redis quota limiter reach Redis: a Lua script runner per URL.
 
-`redis://` (one standalone server) goes through `proxy.resp`, about six times cheaper per
+`redis://` (one standalone server) goes through `proxy.redis.resp`, about six times cheaper per
 command than redis-py; `rediss://` (TLS), `redis+sentinel://` and `redis+cluster://` go through
-redis-py (`proxy.redis_client`), which brings TLS, master discovery and slot routing. Both run
+redis-py (`proxy.redis.client`), which brings TLS, master discovery and slot routing. Both run
 a script by its SHA and load it on NOSCRIPT (a restarted server, a new primary).
 """
 
@@ -17,9 +17,9 @@ from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from proxy import redis_client
-from proxy.resp import Arg, RespClient, RespError
-from proxy.store_url import parse_url
+from proxy.config.store_url import parse_url
+from proxy.redis import client as redis_client
+from proxy.redis.resp import Arg, RespClient, RespError
 
 
 @dataclass(frozen=True)

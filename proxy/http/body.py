@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from proxy.context import RequestContext
+from proxy.http.context import RequestContext
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

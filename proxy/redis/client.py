@@ -1,4 +1,4 @@
-"""A `redis.asyncio` client built from a store URL (see `proxy.store_url`), with budgets that
+"""A `redis.asyncio` client built from a store URL (see `proxy.config.store_url`), with budgets that
 never fall back to redis-py's defaults (5 s socket timeouts and 10 retries: a stalled Redis
 would cost ~60 s).
 
@@ -20,7 +20,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelMan
 from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.store_url import parse_url
+from proxy.config.store_url import parse_url
 
 MAX_CONNECTIONS = 64
 RETRY_BACKOFF = 0.01

@@ -12,20 +12,23 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy import admission, forward, logsink, quota, retry, tracing
-from proxy.access_log import AccessLog
 from proxy.config import Config, Route
-from proxy.context import Handler, RequestContext
-from proxy.headers import client_address
+from proxy.http.context import Handler, RequestContext
+from proxy.http.headers import client_address
+from proxy.http.problem import problem
+from proxy.http.request_checks import check_request
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
-from proxy.metrics import Metrics, process_metrics
-from proxy.problem import problem
-from proxy.ratelimit import Limiter, MemoryLimiter, RedisLimiter
-from proxy.request_checks import check_request
-from proxy.routing import RouteTable
+from proxy.observability import logsink, tracing
+from proxy.observability.access_log import AccessLog
+from proxy.observability.metrics import Metrics, process_metrics
+from proxy.pipeline import admission, forward
+from proxy.pipeline.routing import RouteTable
+from proxy.quota import stage as quota
+from proxy.quota.limiter import Limiter, MemoryLimiter, RedisLimiter
 from proxy.stores import Store, open_store
-from proxy.upstreams import Upstream
+from proxy.upstream import retry
+from proxy.upstream.targets import Upstream
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from proxy import logsink
 from proxy.config import Config
+from proxy.observability import logsink
 
 # OpenTelemetry's advisory buckets for http.server.request.duration, in seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import orjson
 from aiohttp import web
 
-from proxy.headers import SERVER
+from proxy.http.headers import SERVER
 
 TYPE_PREFIX = "urn:idemproxy:problem:"
 

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.store_url import parse_url
+from proxy.config.store_url import parse_url
 
 DEFAULT_PATH = "config/proxy.yaml"
 

@@ -18,10 +18,10 @@ import asyncio
 import random
 
 from proxy.config import SAFE_METHODS, Retries
-from proxy.context import Exchange, Payload, RequestContext
-from proxy.headers import Headers
-from proxy.transport import UpstreamError, UpstreamResponse
-from proxy.upstreams import CircuitOpen, Upstream
+from proxy.http.context import Exchange, Payload, RequestContext
+from proxy.http.headers import Headers
+from proxy.upstream.targets import CircuitOpen, Upstream
+from proxy.upstream.transport import UpstreamError, UpstreamResponse
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from proxy import logsink
+from proxy.observability import logsink
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _threshold = LEVELS["info"]

@@ -11,10 +11,10 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from proxy import body
 from proxy.config import Limits
-from proxy.context import Exchange, Handler, Payload, RequestContext
-from proxy.headers import (
+from proxy.http import body
+from proxy.http.context import Exchange, Handler, Payload, RequestContext
+from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
     Networks,
@@ -22,9 +22,9 @@ from proxy.headers import (
     response_head_problem,
     upstream_request_headers,
 )
-from proxy.problem import problem
-from proxy.transport import UpstreamBroken, UpstreamError, UpstreamResponse
-from proxy.upstreams import Upstream
+from proxy.http.problem import problem
+from proxy.upstream.targets import Upstream
+from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 
 # Expect is answered by the proxy itself; the upstream never sees it.
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
@@ -40,7 +40,7 @@ class _Relayed(web.StreamResponse):
 
 
 def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchange) -> Handler:
-    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.retry)."""
+    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry)."""
 
     async def forward(ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
-from proxy.headers import Headers
+from proxy.http.headers import Headers
 
 CHUNK = 64 * 1024
 

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.headers import Headers
-from proxy.transport import (
+from proxy.http.headers import Headers
+from proxy.upstream.transport import (
     UpstreamBroken,
     UpstreamConnectTimeout,
     UpstreamError,

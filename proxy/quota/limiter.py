@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.stores.scripts import Script, runner_for
+from proxy.redis.scripts import Script, runner_for
 
 _REDIS_STEP = Script("""
 local t = redis.call('TIME')

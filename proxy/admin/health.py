@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import Config, HealthCheck, config_hash
-from proxy.events import emit, iso_time
+from proxy.observability.events import emit, iso_time
 
 Status = Literal["pass", "warn", "fail"]
 HEALTH_JSON = "application/health+json"

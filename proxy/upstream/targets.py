@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
-from proxy.breaker import CLOSED, CircuitBreaker
 from proxy.config import Upstream as UpstreamConfig
-from proxy.headers import Headers
-from proxy.transport import (
+from proxy.http.headers import Headers
+from proxy.upstream.breaker import CLOSED, CircuitBreaker
+from proxy.upstream.h1 import H1Transport
+from proxy.upstream.transport import (
     AiohttpTransport,
     Transport,
     UpstreamError,
     UpstreamNotSent,
     UpstreamResponse,
 )
-from proxy.transport_h1 import H1Transport
 
 TRANSPORTS: dict[str, type[AiohttpTransport] | type[H1Transport]] = {
     "h1": H1Transport,

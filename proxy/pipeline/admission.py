@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.context import Handler, RequestContext
-from proxy.problem import problem
-from proxy.upstreams import Upstream
+from proxy.http.context import Handler, RequestContext
+from proxy.http.problem import problem
+from proxy.upstream.targets import Upstream
 
 _RETRY_AFTER = (("Retry-After", "1"),)
 

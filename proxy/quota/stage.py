@@ -14,10 +14,10 @@ import math
 from aiohttp import web
 
 from proxy.config import Route
-from proxy.context import Handler, RequestContext
-from proxy.metrics import Cell
-from proxy.problem import problem
-from proxy.ratelimit import Decision, Limiter
+from proxy.http.context import Handler, RequestContext
+from proxy.http.problem import problem
+from proxy.observability.metrics import Cell
+from proxy.quota.limiter import Decision, Limiter
 
 
 def policy_header(name: str, rate: float, burst: int) -> str:

@@ -20,18 +20,20 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import events, health, logsink, reload, tracing
-from proxy.admin_thread import AdminThread
-from proxy.app import DataPlane, Runtime, admin_app
-from proxy.breaker import STATE_VALUES
+from proxy.admin import health
+from proxy.admin.health import HealthMonitor
+from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
-from proxy.events import emit
-from proxy.health import HealthMonitor
-from proxy.lifecycle import Lifecycle
-from proxy.problem import problem, problem_body
-from proxy.reload import Reloader
+from proxy.http.problem import problem, problem_body
+from proxy.observability import events, logsink, tracing
+from proxy.observability.events import emit
+from proxy.pipeline.runtime import DataPlane, Runtime, admin_app
+from proxy.server import reload
+from proxy.server.lifecycle import Lifecycle
+from proxy.server.reload import Reloader
+from proxy.server.worker_role import WorkerRole
 from proxy.stores import Store, StoreError, open_store
-from proxy.worker_role import WorkerRole
+from proxy.upstream.breaker import STATE_VALUES
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
@@ -226,7 +228,7 @@ def target_states(plane: DataPlane) -> health.TargetStates:
 
 
 async def serve(config: Config, path: str, role: WorkerRole | None = None) -> None:
-    """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.lifecycle).
+    """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.server.lifecycle).
 
     SIGHUP, POST /admin/reload and changes of the file at `path` reload the config; the one
     idempotency store outlives reloads. As one of a supervisor's workers (`role`), the data

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from proxy.headers import Headers
+from proxy.http.headers import Headers
 
 if TYPE_CHECKING:
     from proxy.config import Route
-    from proxy.transport import UpstreamResponse
+    from proxy.upstream.transport import UpstreamResponse
 
 
 class BodyTap(Protocol):

@@ -19,11 +19,11 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Logging
-from proxy.context import Handler, RequestContext
-from proxy.events import emit, iso_time
-from proxy.logsink import LineWriter
-from proxy.metrics import OTHER_METHOD, Metrics
-from proxy.problem import problem
+from proxy.http.context import Handler, RequestContext
+from proxy.http.problem import problem
+from proxy.observability.events import emit, iso_time
+from proxy.observability.logsink import LineWriter
+from proxy.observability.metrics import OTHER_METHOD, Metrics
 
 # Client-chosen strings are cut to this many characters; a log line stays bounded.
 MAX_FIELD = 512

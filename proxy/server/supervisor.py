@@ -28,13 +28,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from proxy import __version__, events, logsink
-from proxy.app import admin_app, same_origin_only
+from proxy import __version__
+from proxy.admin.fleet_metrics import FleetMetrics
+from proxy.admin.health import HEALTH_JSON, ready_text
 from proxy.config import Config
-from proxy.events import emit, iso_time
-from proxy.fleet_metrics import FleetMetrics
-from proxy.health import HEALTH_JSON, ready_text
-from proxy.worker_role import WorkerRole
+from proxy.observability import events, logsink
+from proxy.observability.events import emit, iso_time
+from proxy.pipeline.runtime import admin_app, same_origin_only
+from proxy.server.worker_role import WorkerRole
 
 # Each worker's /live and /ready are read this often; the supervisor's probes answer from that.
 POLL = 0.5

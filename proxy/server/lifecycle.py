@@ -15,11 +15,11 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
-from proxy.admin_thread import run_on
-from proxy.app import AdminHandler, DataPlane, same_origin_only
-from proxy.events import emit, iso_time
-from proxy.health import HealthMonitor
-from proxy.reload import Reloader
+from proxy.admin.health import HealthMonitor
+from proxy.admin.thread import run_on
+from proxy.observability.events import emit, iso_time
+from proxy.pipeline.runtime import AdminHandler, DataPlane, same_origin_only
+from proxy.server.reload import Reloader
 
 # Part of shutdown.timeout kept for closing connections, pools and the store after the wait.
 CLEANUP_MARGIN = 1.0

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from proxy import events
-from proxy.app import DataPlane, Runtime
+from proxy.admin.health import HealthMonitor, ReloadAttempt
 from proxy.config import Config, ConfigError, config_hash, load
-from proxy.events import emit
-from proxy.health import HealthMonitor, ReloadAttempt
+from proxy.observability import events
+from proxy.observability.events import emit
+from proxy.pipeline.runtime import DataPlane, Runtime
 
 # Settings bound when the listeners (and the file watcher) start; a reload cannot apply them
 # half-way, so it refuses the whole file and asks for a restart.

@@ -1,0 +1,3 @@
+"""HTTP primitives shared by every layer: headers, problem+json, request checks, the request
+context and body.
+"""

@@ -1,0 +1,1 @@
+"""Trace ids, the access log, events, the log sink and the Prometheus instruments."""

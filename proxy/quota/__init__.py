@@ -1,0 +1,1 @@
+"""Per-tenant quotas: the GCRA limiter (memory or Redis) and the stage that applies it."""

@@ -1,0 +1,3 @@
+"""Reaching Redis: the own RESP client, redis-py for TLS/Sentinel/Cluster, and the Lua script
+runners.
+"""
