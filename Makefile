@@ -20,6 +20,7 @@ run: $(BIN)/idemproxy
 test: $(BIN)/idemproxy
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
 bench: $(BIN)/idemproxy
