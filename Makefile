@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint docs bench clean
 
 $(BIN)/idemproxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,22 @@ run: $(BIN)/idemproxy
 	trap "kill $$app 2>/dev/null" EXIT INT TERM; \
 	$(BIN)/idemproxy run --config config/proxy.yaml
 
-test: $(BIN)/idemproxy
+# What CI runs: lint, types, the layer contract, the docs site, then the whole suite.
+test: lint docs
+	$(BIN)/pytest -q
+
+# The quick lane: no redis-server, no subprocesses, nothing marked slow (about a minute).
+test-fast: lint
+	$(BIN)/pytest -q -m "not slow and not process and not redis"
+
+lint: $(BIN)/idemproxy
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/pytest -q
+
+# --strict: a broken link, a missing page or a page left out of the nav fails the build.
+docs: $(BIN)/idemproxy
+	$(BIN)/mkdocs build --strict --quiet --site-dir .site
 
 bench: $(BIN)/idemproxy
 	$(BIN)/python -m bench

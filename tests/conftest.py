@@ -102,3 +102,31 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         process.stop()
     for process in processes:
         assert_no_secrets(process.stdout() + process.stderr())
+
+
+# What a test needs, marked from what it uses, so `-m "not process and not redis and not slow"`
+# (`make test-fast`) is the quick lane without anyone having to remember a marker.
+_REDIS_FIXTURES = {"redis_server", "redis_sentinels", "redis_cluster"}
+_PROCESS_FIXTURES = {"proxy_process", "stack"}
+_PROCESS_SOURCES = ("ProxyProcess(", "subprocess", "Sentinels(", "Cluster(")
+_REDIS_SOURCES = ("RedisServer(", "Sentinels(", "Cluster(")
+_sources: dict[Path, str] = {}
+
+
+def _source(path: Path) -> str:
+    if path not in _sources:
+        _sources[path] = path.read_text(encoding="utf-8")
+    return _sources[path]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        source = _source(Path(str(item.path)))
+        if (names & _REDIS_FIXTURES and params.get("store_url", "redis") == "redis") or any(
+            s in source for s in _REDIS_SOURCES
+        ):
+            item.add_marker(pytest.mark.redis)
+        if names & _PROCESS_FIXTURES or any(s in source for s in _PROCESS_SOURCES):
+            item.add_marker(pytest.mark.process)
