@@ -378,7 +378,6 @@ def test_sidecar_config_passes_startup_before_the_app_and_readiness_after(
     """The pod's order, with the ConfigMap's own config: the startup probe (/live) passes while
     the app is not yet running (the kubelet starts the app only then), /ready waits for the
     app's /healthz, and SIGTERM after the app has gone exits at once (drain_delay 0s)."""
-    pytest.importorskip("proxy.admin.health", reason="/ready lands with the health branch")
     config = proxy_config(kustomize.build(KUSTOMIZATIONS[0]))
     app_port = free_port()
     config["listen"] = {"host": "127.0.0.1", "port": free_port()}
@@ -605,7 +604,6 @@ def test_metrics_endpoint_exposes_what_alerts_and_dashboard_use(
     proxy_process: Callable[..., ProxyProcess],
 ) -> None:
     """Against the real /metrics: every metric named here exists with exactly these labels."""
-    pytest.importorskip("proxy.observability.metrics", reason="/metrics lands with the obs branch")
     config = base_config(f"http://127.0.0.1:{free_port()}")  # nothing listens: fine here
     app = config["upstreams"]["app"]
     app["health"] = {"path": "/healthz", "interval": "100ms"}

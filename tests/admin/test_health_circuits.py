@@ -19,7 +19,7 @@ from proxy.server.serve import target_states
 from tests.conftest import MakeProxy
 from tests.support.eventually import eventually
 from tests.support.upstream import RecordingUpstream
-from tests.test_breaker import breaker_config
+from tests.upstream.test_breaker import breaker_config
 
 Monitored = Callable[[dict[str, Any]], Awaitable[tuple[TestClient[web.Request, None], HealthMonitor]]]
 
