@@ -18,6 +18,8 @@ RUN pip wheel --wheel-dir /wheels .
 
 # --- runtime: a venv installed from those wheels only, run as an unprivileged user ---------
 FROM ${PYTHON_IMAGE} AS runtime
+# Declared again: an ARG from before the first FROM is not in scope inside a stage.
+ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="idemproxy" \
       org.opencontainers.image.description="Sidecar reverse proxy: Idempotency-Key replay, tracing, health, metrics" \
