@@ -29,6 +29,9 @@ from pydantic import (
 from proxy.config.store_url import parse_url
 
 DEFAULT_PATH = "config/proxy.yaml"
+# Leaves room for the proxy itself (~51Mi idle) and a keyed 10MiB request body being
+# fingerprinted in a sidecar limited to 128Mi (docs/security/memory-store.md).
+DEFAULT_STORE_MAX_BYTES = 32 * 1024 * 1024
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -173,6 +176,8 @@ class Store(Model):
     timeout: Duration = 0.25
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     max_records: int = Field(default=100_000, ge=1)
+    # memory:// only: bytes its records and stored responses may hold (proxy/stores/budget.py).
+    max_bytes: Annotated[Size, Field(ge=1024 * 1024)] = DEFAULT_STORE_MAX_BYTES
 
     @field_validator("url")
     @classmethod

@@ -32,7 +32,7 @@ from proxy.server import reload
 from proxy.server.lifecycle import Lifecycle
 from proxy.server.reload import Reloader
 from proxy.server.worker_role import WorkerRole
-from proxy.stores import Store, StoreError, open_store
+from proxy.stores import MemoryStore, Store, StoreError, open_store
 from proxy.upstream.breaker import STATE_VALUES
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
@@ -260,6 +260,8 @@ async def serve(config: Config, path: str, role: WorkerRole | None = None) -> No
     monitor.target_states = target_states(plane)
     plane.runtime.metrics.upstream_up = monitor.upstream_up
     plane.runtime.metrics.circuit_states = circuit_states
+    if isinstance(store, MemoryStore):
+        plane.runtime.metrics.store_memory = store.budget
     await monitor.attach(config, store)
     plane.probes = health.probes(monitor)
     reloader = Reloader(path, plane, monitor)
