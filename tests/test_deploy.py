@@ -323,6 +323,30 @@ def test_proxy_is_a_native_sidecar_probed_on_the_admin_port(
     }
 
 
+def test_admin_actions_need_a_token_from_a_secret_the_repo_does_not_hold(
+    rendered: list[dict[str, Any]],
+) -> None:
+    """The admin port binds all interfaces (above), so admin.token_file must be a file of a
+    mounted Secret volume, readable by the sidecar's group only, and no kustomization may
+    generate that Secret (a token committed here would be everyone's)."""
+    container = sidecar(rendered)
+    token_file = Path(proxy_config(rendered)["admin"]["token_file"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
+    assert mount["readOnly"] is True
+    spec = find(rendered, "Deployment", "recognitions")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert not secret.get("optional", False)  # no token: the pod waits rather than runs open
+    assert [item["path"] for item in secret["items"]] == [token_file.name]
+    assert secret["defaultMode"] == 0o440
+    image_user = re.search(r"^USER (\d+):(\d+)$", dockerfile(), re.MULTILINE)
+    assert image_user and spec["securityContext"]["fsGroup"] == int(image_user[2])
+    assert not [r for r in rendered if r["kind"] == "Secret"
+                and r["metadata"]["name"] == secret["secretName"]]
+    for other in spec["containers"]:
+        assert mount["name"] not in {m["name"] for m in other.get("volumeMounts", [])}
+
+
 def test_service_targets_the_data_port_never_admin(rendered: list[dict[str, Any]]) -> None:
     service = find(rendered, "Service", "recognitions")
     deployment = find(rendered, "Deployment", "recognitions")
@@ -570,6 +594,10 @@ def test_compose_proxy_config_passes_idemproxy_check() -> None:
     assert published[str(effective["listen"]["port"])]
     admin = published[str(effective["admin"]["port"])]
     assert admin.startswith("127.0.0.1:")  # the admin port is never published beyond loopback
+    # ...but the other containers reach it: its actions need a token the user must provide.
+    assert effective["admin"]["host"] == "0.0.0.0"
+    assert effective["admin"]["token_env"] == "IDEMPROXY_ADMIN_TOKEN"
+    assert env["IDEMPROXY_ADMIN_TOKEN"].startswith("${IDEMPROXY_ADMIN_TOKEN:?")
     grace = parse_seconds(proxy["stop_grace_period"])
     assert grace > parse_seconds(effective["shutdown"]["timeout"])
 
