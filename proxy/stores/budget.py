@@ -98,8 +98,9 @@ class ByteBudget:
         self._watch()
 
     def clear(self) -> None:
+        """The store is closing: nothing to report."""
         self.used = 0
-        self._watch()
+        self._high = False
 
     def _watch(self) -> None:
         if not self._high and self.used >= self.limit * HIGH_WATER:

@@ -140,16 +140,21 @@ async def test_one_caller_with_large_responses_cannot_lock_out_small_ones(
     assert store.budget.refused_claims == 0
 
 
-async def test_claims_are_refused_only_when_the_store_is_full(store: MemoryStore) -> None:
+async def test_claims_are_refused_only_when_the_store_is_full(
+    store: MemoryStore, reported: Lines
+) -> None:
     fitting = store.budget.limit // CLAIM_BYTES
     for _ in range(fitting):
         await store.claim(hexid(160), hexid(128), hexid(160), 60)
     with pytest.raises(StoreError, match=rf"full \({store.budget.limit} bytes\)"):
         await store.claim(hexid(160), hexid(128), hexid(160), 60)
     assert store.budget.refused_claims == 1
+    assert [line["event"] for line in reported.json()] == ["store_memory_high"]
 
 
-async def test_a_full_store_still_records_that_a_claim_ran(store: MemoryStore) -> None:
+async def test_a_full_store_still_records_that_a_claim_ran(
+    store: MemoryStore, reported: Lines
+) -> None:
     """Completing never needs bytes a claim did not reserve: at-most-once holds when full."""
     await store.claim("mine", "owner", "fp", 60)
     while True:
