@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import yaml
 
 from proxy import __version__
+from proxy.admin import auth
 from proxy.admin.health import connect_report
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
 from proxy.server import serve as server
@@ -97,8 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"idemproxy {__version__}")
         return EXIT_OK
     path = config_path(args.config)
+    role = WorkerRole.from_environment()
+    token: str | None = None
     try:
         config = load(path)
+        # The token is a secret of the running process (`check` validates only the config);
+        # a worker serves its admin app on a private socket: its supervisor holds the token.
+        if args.command == "run" and role is None:
+            token = auth.load_token(config.admin)
     except ConfigError as exc:
         print(f"idemproxy: invalid config {path}:", file=sys.stderr)
         for line in exc.problems:
@@ -111,10 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write("\n" + "\n".join(lines) + "\n")
             return EXIT_OK if reachable else EXIT_UNREACHABLE
         return EXIT_OK
-    role = WorkerRole.from_environment()
     if role is None and config.workers > 1:
-        return run(supervisor.supervise(config, path))
-    run(server.serve(config, path, role))
+        return run(supervisor.supervise(config, path, token))
+    run(server.serve(config, path, role, token))
     return EXIT_OK
 
 

@@ -36,6 +36,7 @@ def test_check_prints_resolved_defaults_and_the_route_table() -> None:
     effective = yaml.safe_load(result.stdout.split("\nROUTE ")[0])
     assert effective["store"] == {
         "url": "memory://", "timeout": "250ms", "on_error": "fail_closed", "max_records": 100000,
+        "max_bytes": "32MiB",
     }
     assert effective["routes"][0]["idempotency"]["ttl"] == "24h"
     table = result.stdout.split("\nROUTE ")[1]

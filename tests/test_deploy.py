@@ -323,6 +323,30 @@ def test_proxy_is_a_native_sidecar_probed_on_the_admin_port(
     }
 
 
+def test_admin_actions_need_a_token_from_a_secret_the_repo_does_not_hold(
+    rendered: list[dict[str, Any]],
+) -> None:
+    """The admin port binds all interfaces (above), so admin.token_file must be a file of a
+    mounted Secret volume, readable by the sidecar's group only, and no kustomization may
+    generate that Secret (a token committed here would be everyone's)."""
+    container = sidecar(rendered)
+    token_file = Path(proxy_config(rendered)["admin"]["token_file"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
+    assert mount["readOnly"] is True
+    spec = find(rendered, "Deployment", "recognitions")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert not secret.get("optional", False)  # no token: the pod waits rather than runs open
+    assert [item["path"] for item in secret["items"]] == [token_file.name]
+    assert secret["defaultMode"] == 0o440
+    image_user = re.search(r"^USER (\d+):(\d+)$", dockerfile(), re.MULTILINE)
+    assert image_user and spec["securityContext"]["fsGroup"] == int(image_user[2])
+    assert not [r for r in rendered if r["kind"] == "Secret"
+                and r["metadata"]["name"] == secret["secretName"]]
+    for other in spec["containers"]:
+        assert mount["name"] not in {m["name"] for m in other.get("volumeMounts", [])}
+
+
 def test_service_targets_the_data_port_never_admin(rendered: list[dict[str, Any]]) -> None:
     service = find(rendered, "Service", "recognitions")
     deployment = find(rendered, "Deployment", "recognitions")
@@ -432,8 +456,9 @@ def test_base_runs_on_the_memory_store() -> None:
 
 
 def test_memory_store_fits_in_the_sidecar_memory_limit() -> None:
-    """A full memory store (every record at max_body) plus the proxy's own footprint (about
-    61 MiB measured with 1000 open connections; 64 MiB counted) stays under the limit."""
+    """A full memory store (store.max_bytes, records and stored responses counted) plus the
+    proxy's own footprint (about 61 MiB measured with 1000 open connections; 64 MiB counted)
+    stays under the limit."""
     resources = kustomize.build(KUSTOMIZATIONS[0])
     effective = run_check(proxy_config(resources), {})
     units = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
@@ -443,10 +468,8 @@ def test_memory_store_fits_in_the_sidecar_memory_limit() -> None:
         assert match, value
         return int(match[1]) * units.get(match[2], 1)
 
-    largest = max(size(r["idempotency"]["max_body"]) for r in effective["routes"]
-                  if r["idempotency"]["enabled"])
     limit = size(sidecar(resources)["resources"]["limits"]["memory"])
-    assert effective["store"]["max_records"] * largest + 64 * 1024**2 <= limit
+    assert size(effective["store"]["max_bytes"]) + 64 * 1024**2 <= limit
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
@@ -570,6 +593,10 @@ def test_compose_proxy_config_passes_idemproxy_check() -> None:
     assert published[str(effective["listen"]["port"])]
     admin = published[str(effective["admin"]["port"])]
     assert admin.startswith("127.0.0.1:")  # the admin port is never published beyond loopback
+    # ...but the other containers reach it: its actions need a token the user must provide.
+    assert effective["admin"]["host"] == "0.0.0.0"
+    assert effective["admin"]["token_env"] == "IDEMPROXY_ADMIN_TOKEN"
+    assert env["IDEMPROXY_ADMIN_TOKEN"].startswith("${IDEMPROXY_ADMIN_TOKEN:?")
     grace = parse_seconds(proxy["stop_grace_period"])
     assert grace > parse_seconds(effective["shutdown"]["timeout"])
 

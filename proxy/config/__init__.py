@@ -9,7 +9,7 @@ import re
 import types
 import typing
 from collections.abc import Hashable, Iterator, Mapping
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
@@ -29,6 +29,9 @@ from pydantic import (
 from proxy.config.store_url import parse_url
 
 DEFAULT_PATH = "config/proxy.yaml"
+# Leaves room for the proxy itself (~51Mi idle) and a keyed 10MiB request body being
+# fingerprinted in a sidecar limited to 128Mi (docs/security/memory-store.md).
+DEFAULT_STORE_MAX_BYTES = 32 * 1024 * 1024
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -163,9 +166,44 @@ class Listen(Model):
     port: Port = 8000
 
 
+def _unset_if_empty(value: object) -> object:
+    return None if value == "" else value  # so `${VAR:-}` can leave a setting out
+
+
+OptionalSetting = Annotated[str | None, BeforeValidator(_unset_if_empty)]
+
+
 class Admin(Model):
     host: str = "127.0.0.1"
     port: Port = 9901
+    # A bearer token for everything on the admin port except the probes and /metrics
+    # (docs/security/admin.md), read at start from a file (e.g. a Kubernetes Secret volume) or
+    # from the environment variable named here. Required unless `host` is loopback-only.
+    token_file: OptionalSetting = None
+    token_env: OptionalSetting = None
+    # Serve a non-loopback admin port without a token anyway (logged as a warning at start).
+    allow_unauthenticated: bool = False
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Admin:
+        if self.token_file is not None and self.token_env is not None:
+            raise ValueError("set at most one of token_file and token_env")
+        return self
+
+
+def loopback_only(host: str) -> bool:
+    """True when `host` accepts connections from this machine only (127.0.0.0/8, ::1,
+    localhost); an empty host, a wildcard or any other name or address is reachable from
+    elsewhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class Store(Model):
@@ -173,6 +211,8 @@ class Store(Model):
     timeout: Duration = 0.25
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     max_records: int = Field(default=100_000, ge=1)
+    # memory:// only: bytes its records and stored responses may hold (proxy/stores/budget.py).
+    max_bytes: Annotated[Size, Field(ge=1024 * 1024)] = DEFAULT_STORE_MAX_BYTES
 
     @field_validator("url")
     @classmethod
@@ -550,6 +590,20 @@ def _references(config: Config) -> Iterator[str]:
     if config.shutdown.drain_delay >= config.shutdown.timeout:
         yield "shutdown.drain_delay: must be shorter than shutdown.timeout"
     yield from _workers_need_shared_store(config)
+    yield from _admin_needs_a_token(config.admin)
+
+
+def _admin_needs_a_token(admin: Admin) -> Iterator[str]:
+    """POST /admin/drain stops the proxy: off loopback, only a token holder may send it."""
+    if loopback_only(admin.host) or admin.allow_unauthenticated:
+        return
+    if admin.token_file is None and admin.token_env is None:
+        yield (
+            f"admin.host: {admin.host or '(all interfaces)'} is reachable from other machines, so "
+            "the admin actions (/admin/*) need a bearer token: set admin.token_file or "
+            "admin.token_env, or admin.allow_unauthenticated: true to accept anyone who can "
+            "reach the port"
+        )
 
 
 def _workers_need_shared_store(config: Config) -> Iterator[str]:

@@ -141,7 +141,8 @@ def stage(
             ctx.idempotency_outcome = "conflict"
             return refuse(ctx, 422, "response-not-replayable", "Response not replayable",
                           f"the request already ran (status {stored.status}) but its response "
-                          f"was larger than {max_body} bytes and was not stored",
+                          f"was not stored for replay (larger than {max_body} bytes, or the "
+                          "memory store was near store.max_bytes)",
                           "idempotency_not_replayable")
         ctx.idempotency_outcome = "replay"
         return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)

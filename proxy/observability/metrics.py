@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -139,6 +140,9 @@ class Metrics:
         # (upstream, target url, 0 closed | 1 open | 2 half-open) per circuit.
         self.upstream_up: Callable[[], dict[str, bool]] = dict
         self.circuit_states: Callable[[], list[tuple[str, str, float]]] = list
+        # The memory store's budget (None on Redis): bytes used, limit, claims refused for
+        # lack of bytes, responses not kept for replay.
+        self.store_memory: StoreMemory | None = None
         self.routes: dict[str, RouteMetrics] = {}
         self.unrouted = RouteMetrics(self, NO_ROUTE, (), idempotent=False)
         self.registry = CollectorRegistry()
@@ -232,6 +236,8 @@ class Metrics:
         for upstream, target, state in self.circuit_states():
             circuits.add_metric([upstream, target], state)
         yield circuits
+        if self.store_memory is not None:
+            yield from _store_memory(self.store_memory)
         yield _counters(
             "idemproxy_config_reloads",
             "Config reload attempts, by result.",
@@ -267,6 +273,33 @@ def _histograms(
     for value, histogram in list(series.items()):
         family.add_metric([value], histogram.cumulative(), histogram.sum)
     return family
+
+
+class StoreMemory(Protocol):
+    used: int
+    limit: int
+    refused_claims: int
+    unkept_responses: int
+
+
+def _store_memory(levels: StoreMemory) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "idemproxy_store_memory_bytes",
+        "Bytes held by the memory store's records and stored responses (estimated).",
+        value=levels.used,
+    )
+    yield GaugeMetricFamily(
+        "idemproxy_store_memory_limit_bytes", "store.max_bytes.", value=levels.limit
+    )
+    refusals = CounterMetricFamily(
+        "idemproxy_store_memory_refusals",
+        "Memory store at its byte limit: new keys refused (claim), responses recorded as not "
+        "replayable (response).",
+        labels=["kind"],
+    )
+    refusals.add_metric(["claim"], levels.refused_claims)
+    refusals.add_metric(["response"], levels.unkept_responses)
+    yield refusals
 
 
 _process: Metrics | None = None

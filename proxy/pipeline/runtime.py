@@ -7,10 +7,11 @@ tracing -> access log -> dispatch (limits, routing) -> per-route stages -> forwa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.config import Config, Route
 from proxy.http.context import Handler, RequestContext
@@ -287,9 +288,11 @@ def admin_app(
     probes: Mapping[str, AdminHandler],
     actions: Mapping[str, AdminHandler],
     metrics: AdminHandler | None = None,
+    middlewares: Iterable[Middleware] = (),
 ) -> web.Application:
-    """The admin port: probes and /metrics (GET) and /admin/* actions (POST)."""
-    app = web.Application()
+    """The admin port: probes and /metrics (GET) and /admin/* actions (POST); `middlewares`
+    wrap every route (the credential check, proxy/admin/auth.py)."""
+    app = web.Application(middlewares=list(middlewares))
     for path, probe in probes.items():
         app.router.add_get(path, probe)
     app.router.add_get("/metrics", metrics or process_metrics().handle)

@@ -33,6 +33,7 @@ RESTART_ONLY: tuple[tuple[str, ...], ...] = (
     ("store", "url"),
     ("store", "timeout"),
     ("store", "max_records"),
+    ("store", "max_bytes"),
 )
 
 

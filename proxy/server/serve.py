@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import health
+from proxy.admin import auth, health
 from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
@@ -32,7 +32,7 @@ from proxy.server import reload
 from proxy.server.lifecycle import Lifecycle
 from proxy.server.reload import Reloader
 from proxy.server.worker_role import WorkerRole
-from proxy.stores import Store, StoreError, open_store
+from proxy.stores import MemoryStore, Store, StoreError, open_store
 from proxy.upstream.breaker import STATE_VALUES
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
@@ -227,13 +227,16 @@ def target_states(plane: DataPlane) -> health.TargetStates:
     return states
 
 
-async def serve(config: Config, path: str, role: WorkerRole | None = None) -> None:
+async def serve(
+    config: Config, path: str, role: WorkerRole | None = None, admin_token: str | None = None
+) -> None:
     """Run until SIGTERM, SIGINT or POST /admin/drain, then drain (see proxy.server.lifecycle).
 
     SIGHUP, POST /admin/reload and changes of the file at `path` reload the config; the one
     idempotency store outlives reloads. As one of a supervisor's workers (`role`), the data
     port is shared (SO_REUSEPORT), the admin app listens on the worker's private unix socket,
-    and every log line carries `worker`.
+    and every log line carries `worker`. `admin_token` (auth.load_token) guards a TCP admin
+    listener; a worker's socket is private to its supervisor, which checks the token itself.
     """
     logsink.STDOUT.limit = config.logging.buffer_size
     if role is not None:
@@ -260,6 +263,8 @@ async def serve(config: Config, path: str, role: WorkerRole | None = None) -> No
     monitor.target_states = target_states(plane)
     plane.runtime.metrics.upstream_up = monitor.upstream_up
     plane.runtime.metrics.circuit_states = circuit_states
+    if isinstance(store, MemoryStore):
+        plane.runtime.metrics.store_memory = store.budget
     await monitor.attach(config, store)
     plane.probes = health.probes(monitor)
     reloader = Reloader(path, plane, monitor)
@@ -267,7 +272,12 @@ async def serve(config: Config, path: str, role: WorkerRole | None = None) -> No
     server = data_server(plane, config)
     data_runner = web.ServerRunner(server, handle_signals=False)
     admin = AdminThread(
-        admin_app(plane.probes, lifecycle.actions(), plane.runtime.metrics.handle),
+        admin_app(
+            plane.probes,
+            lifecycle.actions(),
+            plane.runtime.metrics.handle,
+            auth.guard(config.admin, admin_token) if role is None else (),
+        ),
         config.admin.host,
         config.admin.port,
         role.admin_socket if role is not None else None,

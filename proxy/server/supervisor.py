@@ -29,6 +29,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy import __version__
+from proxy.admin import auth
 from proxy.admin.fleet_metrics import FleetMetrics
 from proxy.admin.health import HEALTH_JSON, ready_text
 from proxy.config import Config
@@ -139,8 +140,9 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, config: Config, path: str) -> None:
+    def __init__(self, config: Config, path: str, admin_token: str | None = None) -> None:
         self.config = config
+        self.admin_token = admin_token
         self.path = os.path.abspath(path)
         self.stop = asyncio.Event()
         self.trigger = ""
@@ -261,7 +263,10 @@ class Supervisor:
             "/admin/drain": same_origin_only(self._drain_action),
             "/admin/reload": same_origin_only(self._reload_action),
         }
-        return admin_app(probes, actions, self._metrics)
+        # The workers' sockets need no token: only this process can reach them.
+        return admin_app(
+            probes, actions, self._metrics, auth.guard(self.config.admin, self.admin_token)
+        )
 
     async def _live(self, request: web.BaseRequest) -> web.Response:
         """200 when every worker answered its own /live at the last poll (a worker being
@@ -382,6 +387,6 @@ def fleet_health(
     }
 
 
-async def supervise(config: Config, path: str) -> int:
+async def supervise(config: Config, path: str, admin_token: str | None = None) -> int:
     events.configure(config.logging.level)
-    return await Supervisor(config, path).run()
+    return await Supervisor(config, path, admin_token).run()

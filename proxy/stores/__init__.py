@@ -13,5 +13,5 @@ __all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "StoreTimeout", "
 def open_store(config: StoreConfig) -> Store:
     """Build the store named by `config.url`; no I/O happens until the first operation."""
     if config.url.startswith("memory:"):
-        return MemoryStore(config.max_records)
+        return MemoryStore(config.max_records, max_bytes=config.max_bytes)
     return RedisStore.from_url(config.url, config.timeout)

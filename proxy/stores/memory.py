@@ -1,8 +1,10 @@
 """In-process record store (`memory://`): the Redis semantics for one replica.
 
 Every operation runs without awaiting, so each is atomic under asyncio. Expiry is checked on
-access and a background sweeper removes expired records; the number of live records is bounded
-and a claim beyond the bound fails (the store is full) rather than evicting a record.
+access and a background sweeper removes expired records. The number of live records and their
+bytes (proxy/stores/budget.py) are bounded: a claim beyond either bound fails (the store is
+full) rather than evicting a record, and a response that does not fit the byte budget is
+recorded as not replayable.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import heapq
 import time
 
+from proxy.config import DEFAULT_STORE_MAX_BYTES
 from proxy.stores.base import (
     COMPLETED,
     IN_FLIGHT,
@@ -19,6 +22,7 @@ from proxy.stores.base import (
     StoredResponse,
     StoreError,
 )
+from proxy.stores.budget import ByteBudget
 
 SWEEP_INTERVAL = 1.0
 
@@ -35,8 +39,14 @@ class _Entry:
 
 
 class MemoryStore:
-    def __init__(self, max_records: int, sweep_interval: float = SWEEP_INTERVAL) -> None:
+    def __init__(
+        self,
+        max_records: int,
+        sweep_interval: float = SWEEP_INTERVAL,
+        max_bytes: int = DEFAULT_STORE_MAX_BYTES,
+    ) -> None:
         self.max_records = max_records
+        self.budget = ByteBudget(max_bytes)
         self._sweep_interval = sweep_interval
         self._entries: dict[str, _Entry] = {}
         self._expiries: list[tuple[float, str]] = []  # heap; stale items are skipped
@@ -49,6 +59,7 @@ class MemoryStore:
         entry = self._entries.get(key)
         if entry is not None and entry.expires <= now:
             del self._entries[key]
+            self.budget.free(entry.response)
             return None
         return entry
 
@@ -65,6 +76,7 @@ class MemoryStore:
             entry = self._entries.get(key)
             if entry is not None and entry.expires == when:
                 del self._entries[key]
+                self.budget.free(entry.response)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -82,10 +94,14 @@ class MemoryStore:
         now = time.monotonic()
         entry = self._live(key, now)
         if entry is None:
-            if len(self._entries) >= self.max_records:
+            if len(self._entries) >= self.max_records or not self.budget.claim_fits():
                 self.sweep(now)
                 if len(self._entries) >= self.max_records:
                     raise StoreError(f"memory store is full ({self.max_records} records)")
+                if not self.budget.claim_fits():
+                    self.budget.refuse_claim()
+                    raise StoreError(f"memory store is full ({self.budget.limit} bytes)")
+            self.budget.claim()
             entry = self._entries[key] = _Entry(token, fingerprint, 0.0)
             self._expire_at(key, entry, now + lease)
             return None
@@ -107,7 +123,7 @@ class MemoryStore:
         if entry is None or entry.state != IN_FLIGHT:
             return entry is not None and entry.state == COMPLETED
         entry.state = COMPLETED
-        entry.response = response
+        entry.response = self.budget.keep(response)
         self._expire_at(key, entry, time.monotonic() + ttl)
         return True
 
@@ -123,6 +139,7 @@ class MemoryStore:
         if entry is None or entry.state != IN_FLIGHT:
             return False
         del self._entries[key]
+        self.budget.free(None)
         return True
 
     async def ping(self) -> float:
@@ -137,3 +154,4 @@ class MemoryStore:
             self._sweeper = None
         self._entries.clear()
         self._expiries.clear()
+        self.budget.clear()
