@@ -21,6 +21,7 @@ from aiohttp import web
 from proxy.config import Logging
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import problem
+from proxy.observability.answers import proxy_reason
 from proxy.observability.events import emit, iso_time
 from proxy.observability.logsink import LineWriter
 from proxy.observability.metrics import OTHER_METHOD, Metrics
@@ -144,6 +145,9 @@ class AccessLog:
         if outcome is not None:
             route_metrics.idempotency(outcome)
         error_type = ctx.error_type
+        # The upstream answered when its status reached the client (even if the body broke).
+        if ctx.upstream_outcome is None or not ctx.status:
+            route_metrics.proxy_response(proxy_reason(error_type, status, outcome == "replay"))
         if error_type == "store_unavailable" or outcome == "store_error":
             metrics.store_errors.value += 1
         if not self.enabled:
