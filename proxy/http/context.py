@@ -46,6 +46,8 @@ class RequestContext:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     tap: BodyTap | None = None
     upstream_name: str | None = None
+    # The `target` label (host:port) of the upstream target that answered or failed last.
+    upstream_target: str | None = None
     upstream_duration: float | None = None
     # "not_sent" | "answered" | "ambiguous": what the proxy knows about the upstream exchange.
     upstream_outcome: str | None = None

@@ -54,6 +54,41 @@ def encode(line: dict[str, Any]) -> bytes:
         return orjson.dumps(clean, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def server_of(host: str | None, scheme: str) -> tuple[str | None, int | None]:
+    """`server.address` and `server.port` from the Host header, the port defaulting by scheme
+    (OpenTelemetry HTTP server semantics: the name the client addressed)."""
+    if not host:
+        return None, None
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and len(port) <= 5 and (name[:1] != "[" or name[-1:] == "]"):
+        return name[:MAX_FIELD], int(port)
+    return host[:MAX_FIELD], 443 if scheme == "https" else 80
+
+
+async def flushed(request: web.BaseRequest, timeout: float) -> bool:
+    """Wait until the kernel has accepted every response byte the transport still holds, at
+    most `timeout` seconds; False when the client did not read them in time.
+
+    asyncio wakes a writer only once its buffer is under the low-water mark, so the mark is
+    set to 0 for the wait (and put back): the wake-up then means "empty"."""
+    transport = request.transport
+    if transport is None or not transport.get_write_buffer_size():
+        return True
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        async with asyncio.timeout(timeout):
+            await request.writer.drain()
+    except TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        return True  # gone: nothing more will be accepted
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+    return True
+
+
 def _bounded(value: str | None) -> str | None:
     return value if value is None or len(value) <= MAX_FIELD else value[:MAX_FIELD]
 
@@ -61,7 +96,10 @@ def _bounded(value: str | None) -> str | None:
 class AccessLog:
     """The access log and request metrics for one runtime's settings."""
 
-    def __init__(self, settings: Logging, metrics: Metrics, sink: LineWriter) -> None:
+    def __init__(
+        self, settings: Logging, metrics: Metrics, sink: LineWriter, write_timeout: float = 30.0
+    ) -> None:
+        self.write_timeout = write_timeout
         self.enabled = settings.access_log
         self.allow = frozenset(settings.query_allowlist)
         self.metrics = metrics
@@ -75,6 +113,9 @@ class AccessLog:
             response: web.StreamResponse | None = None
             try:
                 response = await next_handler(ctx)
+                # duration_ms ends when the kernel took the last byte, not when it was queued.
+                if response.prepared and not await flushed(ctx.request, self.write_timeout):
+                    ctx.error_type = ctx.error_type or "client_write_timeout"
                 return response
             except asyncio.CancelledError:
                 ctx.error_type = ctx.error_type or "cancelled"
@@ -157,7 +198,11 @@ class AccessLog:
                 error_type = "client_disconnect"
             elif status >= 500:
                 error_type = str(status)
-        headers = ctx.request.headers
+        request = ctx.request
+        headers = request.headers
+        scheme = request.scheme
+        address, port = server_of(request.host if path is not None else None, scheme)
+        version = request.version
         self.sink.write(
             encode(
                 {
@@ -170,6 +215,10 @@ class AccessLog:
                     "url.query": allowed_query(ctx.request.rel_url.raw_query_string, self.allow)
                     if self.allow and path is not None
                     else None,
+                    "url.scheme": scheme,
+                    "server.address": address,
+                    "server.port": port,
+                    "network.protocol.version": f"{version.major}.{version.minor}",
                     "http.route": route,
                     "http.response.status_code": status,
                     "duration_ms": round(seconds * 1000, 3),
@@ -177,6 +226,8 @@ class AccessLog:
                     if upstream_seconds is None
                     else round(upstream_seconds * 1000, 3),
                     "upstream.name": ctx.upstream_name,
+                    "upstream.target": ctx.upstream_target,
+                    "http.request.resend_count": ctx.resend_count,
                     "client.address": ctx.client_ip or None,
                     "user_agent.original": _bounded(headers.get("User-Agent")),
                     "http.request.header.x-request-id": _bounded(headers.get("X-Request-Id")),

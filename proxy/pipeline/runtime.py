@@ -58,7 +58,9 @@ class Runtime:
         self.config = config
         self.metrics = metrics or process_metrics()
         self.metrics.compile(config)
-        self.access_log = AccessLog(config.logging, self.metrics, log or logsink.STDOUT)
+        self.access_log = AccessLog(
+            config.logging, self.metrics, log or logsink.STDOUT, config.limits.write_timeout
+        )
         self.inflight = InFlight()
         self._owns_store = store is None
         self.store = open_store(config.store) if store is None else store

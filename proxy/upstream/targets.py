@@ -55,17 +55,19 @@ class _Judged:
     probe lasts until its body is through. The target's in-flight count ends there too."""
 
     __slots__ = ("_breaker", "_failed", "_generation", "_inflight", "_response",
-                 "content_length", "headers", "reason", "status")
+                 "content_length", "headers", "reason", "status", "target")
 
     def __init__(
         self,
         response: UpstreamResponse,
+        target: str,
         stats: TargetMetrics,
         breaker: CircuitBreaker | None,
         generation: int,
         failed: bool,
     ) -> None:
         self._response = response
+        self.target = target
         self._inflight: TargetMetrics | None = stats
         self._breaker = breaker
         self._generation = generation
@@ -99,6 +101,11 @@ class _Judged:
         breaker, self._breaker = self._breaker, None
         if breaker is not None:
             breaker.release(self._generation, self._failed)
+
+
+def served_by(response: UpstreamResponse) -> str | None:
+    """The target label of the target that sent `response` (from `Upstream.send`)."""
+    return response.target if isinstance(response, _Judged) else None
 
 
 class Target:
@@ -190,6 +197,7 @@ class Upstream:
         try:
             response = await chosen.transport.send(method, target, headers, body, deadline)
         except UpstreamError as exc:
+            exc.target = chosen.label
             stats.inflight.value -= 1
             stats.failed(exc.sent, time.perf_counter() - started)
             if breaker is not None:
@@ -202,7 +210,7 @@ class Upstream:
             raise
         stats.answered(response.status, time.perf_counter() - started)
         failed = response.status in self._failure_statuses
-        return _Judged(response, stats, breaker, generation, failed)
+        return _Judged(response, chosen.label, stats, breaker, generation, failed)
 
     def _circuit_open(self) -> CircuitOpen:
         waits = [t.breaker.retry_after() for t in self.targets if t.weight and t.breaker]
