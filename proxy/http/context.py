@@ -33,6 +33,8 @@ class RequestContext:
     start: float = field(default_factory=time.perf_counter)
     trace_id: str = ""
     span_id: str = ""
+    # The incoming traceparent's parent id (the client's span), "" when the trace starts here.
+    parent_span_id: str = ""
     trace_flags: str = "01"
     tracestate: str | None = None
     # Names of incoming trace headers that were invalid and replaced (for the access log).

@@ -25,6 +25,10 @@ from proxy.observability.answers import proxy_reason
 from proxy.observability.events import emit, iso_time
 from proxy.observability.logsink import LineWriter
 from proxy.observability.metrics import OTHER_METHOD, Metrics
+from proxy.observability.spans import SpanSink
+
+# Trace flags whose sampled bit (0x01) is set: the second hex digit is odd.
+_SAMPLED = frozenset("13579bdf")
 
 # Client-chosen strings are cut to this many characters; a log line stays bounded.
 MAX_FIELD = 512
@@ -100,6 +104,7 @@ class AccessLog:
         self, settings: Logging, metrics: Metrics, sink: LineWriter, write_timeout: float = 30.0
     ) -> None:
         self.write_timeout = write_timeout
+        self.spans: SpanSink | None = None  # set by the runtime when spans are exported
         self.enabled = settings.access_log
         self.allow = frozenset(settings.query_allowlist)
         self.metrics = metrics
@@ -191,7 +196,9 @@ class AccessLog:
             route_metrics.proxy_response(proxy_reason(error_type, status, outcome == "replay"))
         if error_type == "store_unavailable" or outcome == "store_error":
             metrics.store_errors.value += 1
-        if not self.enabled:
+        spans = self.spans
+        sampled = spans is not None and bool(ctx.span_id) and ctx.trace_flags[-1] in _SAMPLED
+        if not self.enabled and not sampled:
             return
         if error_type is None:
             if ctx.client_disconnected:
@@ -203,41 +210,43 @@ class AccessLog:
         scheme = request.scheme
         address, port = server_of(request.host if path is not None else None, scheme)
         version = request.version
-        self.sink.write(
-            encode(
-                {
-                    "timestamp": iso_time(time.time() - seconds),
-                    "trace_id": ctx.trace_id,
-                    "span_id": ctx.span_id or None,
-                    "trace_flags": ctx.trace_flags,
-                    "http.request.method": _bounded(method),
-                    "url.path": _bounded(path),
-                    "url.query": allowed_query(ctx.request.rel_url.raw_query_string, self.allow)
-                    if self.allow and path is not None
-                    else None,
-                    "url.scheme": scheme,
-                    "server.address": address,
-                    "server.port": port,
-                    "network.protocol.version": f"{version.major}.{version.minor}",
-                    "http.route": route,
-                    "http.response.status_code": status,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "upstream.duration_ms": None
-                    if upstream_seconds is None
-                    else round(upstream_seconds * 1000, 3),
-                    "upstream.name": ctx.upstream_name,
-                    "upstream.target": ctx.upstream_target,
-                    "http.request.resend_count": ctx.resend_count,
-                    "client.address": ctx.client_ip or None,
-                    "user_agent.original": _bounded(headers.get("User-Agent")),
-                    "http.request.header.x-request-id": _bounded(headers.get("X-Request-Id")),
-                    "http.request.body.size": ctx.request_body_size,
-                    "http.response.body.size": response_size,
-                    "idempotency.outcome": outcome,
-                    "idempotency.key_hash": ctx.idempotency_key_hash,
-                    "user.hash": ctx.user_hash,
-                    "error.type": error_type,
-                    "trace.replaced": ctx.trace_replaced,
-                }
-            )
-        )
+        now = time.time_ns()
+        line = {
+            "timestamp": iso_time(now / 1e9 - seconds),
+            "trace_id": ctx.trace_id,
+            "span_id": ctx.span_id or None,
+            "trace_flags": ctx.trace_flags,
+            "http.request.method": _bounded(method),
+            "url.path": _bounded(path),
+            "url.query": allowed_query(ctx.request.rel_url.raw_query_string, self.allow)
+            if self.allow and path is not None
+            else None,
+            "url.scheme": scheme,
+            "server.address": address,
+            "server.port": port,
+            "network.protocol.version": f"{version.major}.{version.minor}",
+            "http.route": route,
+            "http.response.status_code": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "upstream.duration_ms": None
+            if upstream_seconds is None
+            else round(upstream_seconds * 1000, 3),
+            "upstream.name": ctx.upstream_name,
+            "upstream.target": ctx.upstream_target,
+            "http.request.resend_count": ctx.resend_count,
+            "client.address": ctx.client_ip or None,
+            "user_agent.original": _bounded(headers.get("User-Agent")),
+            "http.request.header.x-request-id": _bounded(headers.get("X-Request-Id")),
+            "http.request.body.size": ctx.request_body_size,
+            "http.response.body.size": response_size,
+            "idempotency.outcome": outcome,
+            "idempotency.key_hash": ctx.idempotency_key_hash,
+            "user.hash": ctx.user_hash,
+            "error.type": error_type,
+            "trace.replaced": ctx.trace_replaced,
+        }
+        if self.enabled:
+            self.sink.write(encode(line))
+        if sampled and spans is not None:
+            spans.offer((ctx.trace_id, ctx.span_id, ctx.parent_span_id, ctx.trace_flags,
+                         ctx.tracestate, now - int(seconds * 1e9), now, status, line))

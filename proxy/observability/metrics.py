@@ -174,6 +174,11 @@ class Metrics:
         self.store_errors = Cell()
         self.inflight = Cell()
         self.connections_rejected = Cell()
+        # Span export (proxy/observability/spans.py): sent, dropped on a full queue, lost in
+        # an export that failed.
+        self.spans_exported = Cell()
+        self.spans_dropped = Cell()
+        self.spans_failed = Cell()
         self.config_reloads = {result: Cell() for result in RELOAD_RESULTS}
         self._dropped = dropped
         # Live views the server plugs in: upstream name -> health, and
@@ -326,6 +331,18 @@ class Metrics:
         for upstream, target, state in self.circuit_states():
             circuits.add_metric([upstream, target], state)
         yield circuits
+        yield CounterMetricFamily(
+            "idemproxy_spans_exported",
+            "Spans the OTLP collector accepted.",
+            value=self.spans_exported.value,
+        )
+        yield _counters(
+            "idemproxy_spans_dropped",
+            "Spans lost: queue_full (the export queue was full), export_failed (the collector"
+            " refused them or could not be reached).",
+            ["reason"],
+            [(("queue_full",), self.spans_dropped), (("export_failed",), self.spans_failed)],
+        )
         yield _counters(
             "idemproxy_config_reloads",
             "Config reload attempts, by result.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -120,7 +120,10 @@ def new_span_id() -> str:
     return f"{random.getrandbits(64) or 1:016x}"
 
 
-def stage(next_handler: Handler) -> Handler:
+def stage(next_handler: Handler, sample: Callable[[str], bool] | None = None) -> Handler:
+    """`sample` (set when spans are exported) decides the sampled flag of traces that start
+    here; a continued trace keeps its parent's decision."""
+
     async def handle(ctx: RequestContext) -> web.StreamResponse:
         headers = ctx.request.headers
         replaced: list[str] = []
@@ -129,7 +132,7 @@ def stage(next_handler: Handler) -> Handler:
         # Two traceparent fields cannot both be the parent: the trace restarts (W3C).
         parent = parse_traceparent(raw_parents[0]) if len(raw_parents) == 1 else None
         if parent is not None:
-            ctx.trace_id, _, flags = parent
+            ctx.trace_id, ctx.parent_span_id, flags = parent
             ctx.trace_flags = propagated_flags(flags)
             if raw_id is not None and parse_trace_id(raw_id) != ctx.trace_id:
                 replaced.append("x-trace-id")
@@ -149,6 +152,8 @@ def stage(next_handler: Handler) -> Handler:
                     replaced.append("x-trace-id")
                 trace_id = new_trace_id()
             ctx.trace_id = trace_id
+            if sample is not None:
+                ctx.trace_flags = "01" if sample(trace_id) else "00"
         if replaced:
             ctx.trace_replaced = replaced
         ctx.span_id = new_span_id()
