@@ -34,6 +34,8 @@ EXPECTED_TYPES = {
     "idemproxy_upstream_request_duration_seconds": "histogram",
     "idemproxy_upstream_inflight_requests": "gauge",
     "idemproxy_build_info": "gauge",
+    "idemproxy_spans_exported": "counter",
+    "idemproxy_spans_dropped": "counter",
 }
 
 
