@@ -76,11 +76,15 @@ def route_table(config: Config) -> str:
 
 
 def redacted(config: Config) -> dict[str, Any]:
-    """The effective config as plain data, with the store password and hash salt masked."""
+    """The effective config as plain data, with the store password, hash salt and span export
+    headers masked."""
     data = config.model_dump(mode="json")
     data["store"]["url"] = _PASSWORD.sub(r"\1***@", data["store"]["url"])
     if data["logging"]["hash_salt"]:
         data["logging"]["hash_salt"] = "***"
+    export = data["tracing"]["export"]
+    if export and export["headers"]:  # collector credentials (Authorization, API keys)
+        export["headers"] = dict.fromkeys(export["headers"], "***")
     return data
 
 

@@ -48,10 +48,15 @@ LABELS = {
     "idemproxy_upstream_duration_seconds": {"upstream"},
     "idemproxy_idempotency_total": {"route", "outcome"},
     "idemproxy_store_errors_total": set(),
-    "idemproxy_inflight_requests": set(),
+    "idemproxy_inflight_requests": {"upstream"},
     "idemproxy_config_reloads_total": {"result"},
     "idemproxy_circuit_state": {"upstream", "target"},
     "idemproxy_upstream_up": {"upstream"},
+    "idemproxy_proxy_responses_total": {"route", "reason"},
+    "idemproxy_upstream_requests_total": {"upstream", "target", "outcome"},
+    "idemproxy_upstream_request_duration_seconds": {"upstream", "target"},
+    "idemproxy_upstream_inflight_requests": {"upstream", "target"},
+    "idemproxy_build_info": {"version", "python"},
 }
 METRICS = set(LABELS)
 METRIC_RE = re.compile(r"\bidemproxy_[a-z_]+")

@@ -4,19 +4,30 @@ Workers keep their plain in-process counters (proxy/metrics.py: nothing is added
 path); the supervisor scrapes every worker's private admin socket when it is scraped itself.
 Counters and histograms add up across workers, and so do gauges of amounts (requests in
 progress). Gauges that describe a state (`PER_WORKER_GAUGES`) cannot be added: they keep one
-series per worker, with a `worker` label. What an exited worker had counted is kept, so a sum
+series per worker, with a `worker` label; a few (`_COMBINE`: start time, fd limit, build info)
+keep the min or max. The process_* collectors of each worker are summed the same way (memory,
+CPU seconds, open fds of the whole fleet). What an exited worker had counted is kept, so a sum
 never goes down when a worker is restarted (Prometheus would read that as a counter reset).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 PER_WORKER_GAUGES = frozenset({"idemproxy_upstream_up", "idemproxy_circuit_state"})
+# Gauges that a sum would misstate: the fleet started when its oldest worker did, and every
+# worker has the same fd limit and build, so those keep one value (not N times it).
+# Memory, open fds and CPU seconds are amounts and add up like everything else.
+_COMBINE: dict[str, Callable[[float, float], float]] = {
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+    "idemproxy_build_info": max,
+    "python_info": max,
+}
 # Types whose values only grow, so an exited worker's last values stay in the sum.
 _CUMULATIVE = frozenset({"counter", "histogram"})
 
@@ -73,11 +84,16 @@ def _add(into: dict[str, Family], family: Family, worker: int | None) -> None:
     target = into.get(family.name)
     if target is None:
         target = into[family.name] = Family(family.name, family.documentation, family.type)
+    combine = _COMBINE.get(family.name)
     for (name, labels), value in family.samples.items():
         if worker is not None:
             labels = tuple(sorted((*labels, ("worker", str(worker)))))
         key = (name, labels)
-        target.samples[key] = target.samples.get(key, 0.0) + value
+        before = target.samples.get(key)
+        if before is None:
+            target.samples[key] = value
+        else:
+            target.samples[key] = combine(before, value) if combine else before + value
 
 
 def _metrics(families: Iterable[Family]) -> Iterator[Metric]:

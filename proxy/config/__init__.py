@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import os
 import re
 import types
@@ -411,6 +412,54 @@ class Logging(Model):
     buffer_size: Size = 1024 * 1024
 
 
+# What span export imports; checked when the config is loaded, so `check` catches it too.
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+class SpanExport(Model):
+    """OTLP/HTTP span export (the `otel` extra). Keys left unset fall back to the standard
+    OTEL_* environment variables, then to the defaults written here."""
+
+    # Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces,
+    # else http://localhost:4318/v1/traces.
+    endpoint: HttpUrl | None = None
+    # Default: OTEL_EXPORTER_OTLP_TRACES_HEADERS / OTEL_EXPORTER_OTLP_HEADERS.
+    headers: dict[str, str] | None = None
+    # Share of new traces (no sampled parent) that are recorded; a request whose traceparent
+    # says sampled is always recorded, one that says unsampled never (parent-based).
+    # Default: OTEL_TRACES_SAMPLER_ARG, else 1.0.
+    sampling_ratio: float | None = Field(default=None, ge=0, le=1)
+    # Merged over OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME; service.name defaults to idemproxy.
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    # Spans waiting for export beyond this are dropped and counted (the collector may be down).
+    max_queue_size: int = Field(default=2048, ge=1)
+    max_export_batch_size: int = Field(default=512, ge=1)
+    schedule_delay: PositiveDuration = 5.0
+    export_timeout: PositiveDuration = 10.0
+
+    @model_validator(mode="after")
+    def _extra_installed(self) -> SpanExport:
+        missing = [name for name in OTEL_MODULES if not _importable(name)]
+        if missing:
+            raise ValueError(
+                "span export needs the otel extra (pip install 'idemproxy[otel]'); "
+                f"missing: {', '.join(missing)}"
+            )
+        return self
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class Tracing(Model):
+    # Absent (the default): trace context is propagated and logged, no span is exported.
+    export: SpanExport | None = None
+
+
 class Shutdown(Model):
     drain_delay: Duration = 5.0
     timeout: Duration = 25.0
@@ -464,6 +513,7 @@ class Config(Model):
     trusted_proxies: list[Network] = Field(default_factory=list)
     limits: Limits = Limits()
     logging: Logging = Logging()
+    tracing: Tracing = Tracing()
     shutdown: Shutdown = Shutdown()
     health: Health = Health()
     reload: Reload = Reload()

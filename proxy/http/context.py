@@ -33,6 +33,8 @@ class RequestContext:
     start: float = field(default_factory=time.perf_counter)
     trace_id: str = ""
     span_id: str = ""
+    # The incoming traceparent's parent id (the client's span), "" when the trace starts here.
+    parent_span_id: str = ""
     trace_flags: str = "01"
     tracestate: str | None = None
     # Names of incoming trace headers that were invalid and replaced (for the access log).
@@ -46,6 +48,8 @@ class RequestContext:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     tap: BodyTap | None = None
     upstream_name: str | None = None
+    # The `target` label (host:port) of the upstream target that answered or failed last.
+    upstream_target: str | None = None
     upstream_duration: float | None = None
     # "not_sent" | "answered" | "ambiguous": what the proxy knows about the upstream exchange.
     upstream_outcome: str | None = None

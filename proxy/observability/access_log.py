@@ -21,9 +21,14 @@ from aiohttp import web
 from proxy.config import Logging
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import problem
+from proxy.observability.answers import proxy_reason
 from proxy.observability.events import emit, iso_time
 from proxy.observability.logsink import LineWriter
 from proxy.observability.metrics import OTHER_METHOD, Metrics
+from proxy.observability.spans import SpanSink
+
+# Trace flags whose sampled bit (0x01) is set: the second hex digit is odd.
+_SAMPLED = frozenset("13579bdf")
 
 # Client-chosen strings are cut to this many characters; a log line stays bounded.
 MAX_FIELD = 512
@@ -53,6 +58,41 @@ def encode(line: dict[str, Any]) -> bytes:
         return orjson.dumps(clean, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def server_of(host: str | None, scheme: str) -> tuple[str | None, int | None]:
+    """`server.address` and `server.port` from the Host header, the port defaulting by scheme
+    (OpenTelemetry HTTP server semantics: the name the client addressed)."""
+    if not host:
+        return None, None
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and len(port) <= 5 and (name[:1] != "[" or name[-1:] == "]"):
+        return name[:MAX_FIELD], int(port)
+    return host[:MAX_FIELD], 443 if scheme == "https" else 80
+
+
+async def flushed(request: web.BaseRequest, timeout: float) -> bool:
+    """Wait until the kernel has accepted every response byte the transport still holds, at
+    most `timeout` seconds; False when the client did not read them in time.
+
+    asyncio wakes a writer only once its buffer is under the low-water mark, so the mark is
+    set to 0 for the wait (and put back): the wake-up then means "empty"."""
+    transport = request.transport
+    if transport is None or not transport.get_write_buffer_size():
+        return True
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        async with asyncio.timeout(timeout):
+            await request.writer.drain()
+    except TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        return True  # gone: nothing more will be accepted
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+    return True
+
+
 def _bounded(value: str | None) -> str | None:
     return value if value is None or len(value) <= MAX_FIELD else value[:MAX_FIELD]
 
@@ -60,7 +100,11 @@ def _bounded(value: str | None) -> str | None:
 class AccessLog:
     """The access log and request metrics for one runtime's settings."""
 
-    def __init__(self, settings: Logging, metrics: Metrics, sink: LineWriter) -> None:
+    def __init__(
+        self, settings: Logging, metrics: Metrics, sink: LineWriter, write_timeout: float = 30.0
+    ) -> None:
+        self.write_timeout = write_timeout
+        self.spans: SpanSink | None = None  # set by the runtime when spans are exported
         self.enabled = settings.access_log
         self.allow = frozenset(settings.query_allowlist)
         self.metrics = metrics
@@ -74,6 +118,9 @@ class AccessLog:
             response: web.StreamResponse | None = None
             try:
                 response = await next_handler(ctx)
+                # duration_ms ends when the kernel took the last byte, not when it was queued.
+                if response.prepared and not await flushed(ctx.request, self.write_timeout):
+                    ctx.error_type = ctx.error_type or "client_write_timeout"
                 return response
             except asyncio.CancelledError:
                 ctx.error_type = ctx.error_type or "cancelled"
@@ -144,45 +191,62 @@ class AccessLog:
         if outcome is not None:
             route_metrics.idempotency(outcome)
         error_type = ctx.error_type
+        # The upstream answered when its status reached the client (even if the body broke).
+        if ctx.upstream_outcome is None or not ctx.status:
+            route_metrics.proxy_response(proxy_reason(error_type, status, outcome == "replay"))
         if error_type == "store_unavailable" or outcome == "store_error":
             metrics.store_errors.value += 1
-        if not self.enabled:
+        spans = self.spans
+        sampled = spans is not None and bool(ctx.span_id) and ctx.trace_flags[-1] in _SAMPLED
+        if not self.enabled and not sampled:
             return
         if error_type is None:
             if ctx.client_disconnected:
                 error_type = "client_disconnect"
             elif status >= 500:
                 error_type = str(status)
-        headers = ctx.request.headers
-        self.sink.write(
-            encode(
-                {
-                    "timestamp": iso_time(time.time() - seconds),
-                    "trace_id": ctx.trace_id,
-                    "span_id": ctx.span_id or None,
-                    "trace_flags": ctx.trace_flags,
-                    "http.request.method": _bounded(method),
-                    "url.path": _bounded(path),
-                    "url.query": allowed_query(ctx.request.rel_url.raw_query_string, self.allow)
-                    if self.allow and path is not None
-                    else None,
-                    "http.route": route,
-                    "http.response.status_code": status,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "upstream.duration_ms": None
-                    if upstream_seconds is None
-                    else round(upstream_seconds * 1000, 3),
-                    "upstream.name": ctx.upstream_name,
-                    "client.address": ctx.client_ip or None,
-                    "user_agent.original": _bounded(headers.get("User-Agent")),
-                    "http.request.header.x-request-id": _bounded(headers.get("X-Request-Id")),
-                    "http.request.body.size": ctx.request_body_size,
-                    "http.response.body.size": response_size,
-                    "idempotency.outcome": outcome,
-                    "idempotency.key_hash": ctx.idempotency_key_hash,
-                    "user.hash": ctx.user_hash,
-                    "error.type": error_type,
-                    "trace.replaced": ctx.trace_replaced,
-                }
-            )
-        )
+        request = ctx.request
+        headers = request.headers
+        scheme = request.scheme
+        address, port = server_of(request.host if path is not None else None, scheme)
+        version = request.version
+        now = time.time_ns()
+        line = {
+            "timestamp": iso_time(now / 1e9 - seconds),
+            "trace_id": ctx.trace_id,
+            "span_id": ctx.span_id or None,
+            "trace_flags": ctx.trace_flags,
+            "http.request.method": _bounded(method),
+            "url.path": _bounded(path),
+            "url.query": allowed_query(ctx.request.rel_url.raw_query_string, self.allow)
+            if self.allow and path is not None
+            else None,
+            "url.scheme": scheme,
+            "server.address": address,
+            "server.port": port,
+            "network.protocol.version": f"{version.major}.{version.minor}",
+            "http.route": route,
+            "http.response.status_code": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "upstream.duration_ms": None
+            if upstream_seconds is None
+            else round(upstream_seconds * 1000, 3),
+            "upstream.name": ctx.upstream_name,
+            "upstream.target": ctx.upstream_target,
+            "http.request.resend_count": ctx.resend_count,
+            "client.address": ctx.client_ip or None,
+            "user_agent.original": _bounded(headers.get("User-Agent")),
+            "http.request.header.x-request-id": _bounded(headers.get("X-Request-Id")),
+            "http.request.body.size": ctx.request_body_size,
+            "http.response.body.size": response_size,
+            "idempotency.outcome": outcome,
+            "idempotency.key_hash": ctx.idempotency_key_hash,
+            "user.hash": ctx.user_hash,
+            "error.type": error_type,
+            "trace.replaced": ctx.trace_replaced,
+        }
+        if self.enabled:
+            self.sink.write(encode(line))
+        if sampled and spans is not None:
+            spans.offer((ctx.trace_id, ctx.span_id, ctx.parent_span_id, ctx.trace_flags,
+                         ctx.tracestate, now - int(seconds * 1e9), now, status, line))

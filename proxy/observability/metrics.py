@@ -10,12 +10,13 @@ reload results. A config's series exist (at 0) from the moment it is compiled.
 from __future__ import annotations
 
 import asyncio
+import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -24,8 +25,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from proxy import __version__
 from proxy.config import Config
 from proxy.observability import logsink
+from proxy.observability.answers import STATUS_OUTCOMES, ProxyReason, TargetOutcome
 
 # OpenTelemetry's advisory buckets for http.server.request.duration, in seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -76,13 +79,18 @@ class Histogram:
 class RouteMetrics:
     """The series of one route, so a request costs a dict lookup and a few additions."""
 
-    __slots__ = ("_idempotency", "_metrics", "_requests", "duration", "name")
+    __slots__ = ("_idempotency", "_metrics", "_proxy", "_requests", "duration", "name")
 
     def __init__(self, metrics: Metrics, name: str, methods: Iterable[str], idempotent: bool):
         self.name = name
         self._metrics = metrics
         self._requests: dict[tuple[str, int], Cell] = {}
         self._idempotency: dict[str, Cell] = {}
+        # Created up front so that the first answer of a kind is an increase from 0.
+        self._proxy = {
+            reason: metrics.proxy_responses.setdefault((name, reason), Cell())
+            for reason in ProxyReason
+        }
         self.duration = metrics.request_duration.setdefault(name, Histogram())
         for method in methods:
             for status_class in range(2, 6):
@@ -100,6 +108,9 @@ class RouteMetrics:
             cell = self._request_cell(method, key[1])
         cell.value += 1
         self.duration.observe(seconds)
+
+    def proxy_response(self, reason: ProxyReason) -> None:
+        self._proxy[reason].value += 1
 
     def idempotency(self, outcome: str) -> None:
         cell = self._idempotency.get(outcome)
@@ -123,6 +134,32 @@ class RouteMetrics:
         return cell
 
 
+class TargetMetrics:
+    """The series of one upstream target (per attempt: a retried request counts each try)."""
+
+    __slots__ = ("_outcomes", "duration", "inflight")
+
+    def __init__(self, metrics: Metrics, upstream: str, target: str) -> None:
+        key = (upstream, target)
+        self.duration = metrics.target_duration.setdefault(key, Histogram())
+        self.inflight = metrics.target_inflight.setdefault(key, Cell())
+        self._outcomes = {
+            outcome: metrics.target_requests.setdefault((upstream, target, outcome), Cell())
+            for outcome in TargetOutcome
+        }
+
+    def answered(self, status: int, seconds: float) -> None:
+        outcome = STATUS_OUTCOMES.get(status // 100)
+        if outcome is not None:
+            self._outcomes[outcome].value += 1
+        self.duration.observe(seconds)
+
+    def failed(self, sent: bool, seconds: float) -> None:
+        outcome = TargetOutcome.AMBIGUOUS if sent else TargetOutcome.NOT_SENT
+        self._outcomes[outcome].value += 1
+        self.duration.observe(seconds)
+
+
 class Metrics:
     """The instruments of one process (they survive config reloads) and their registry."""
 
@@ -131,9 +168,18 @@ class Metrics:
         self.request_duration: dict[str, Histogram] = {}
         self.upstream_duration: dict[str, Histogram] = {}
         self.idempotency: dict[tuple[str, str], Cell] = {}
+        self.proxy_responses: dict[tuple[str, str], Cell] = {}
+        self.target_requests: dict[tuple[str, str, str], Cell] = {}
+        self.target_duration: dict[tuple[str, str], Histogram] = {}
+        self.target_inflight: dict[tuple[str, str], Cell] = {}
         self.store_errors = Cell()
         self.inflight = Cell()
         self.connections_rejected = Cell()
+        # Span export (proxy/observability/spans.py): sent, dropped on a full queue, lost in
+        # an export that failed.
+        self.spans_exported = Cell()
+        self.spans_dropped = Cell()
+        self.spans_failed = Cell()
         self.config_reloads = {result: Cell() for result in RELOAD_RESULTS}
         self._dropped = dropped
         # Live views the server plugs in: upstream name -> health, and
@@ -143,10 +189,15 @@ class Metrics:
         # The memory store's budget (None on Redis): bytes used, limit, claims refused for
         # lack of bytes, responses not kept for replay.
         self.store_memory: StoreMemory | None = None
+        # upstream name -> requests in progress (admitted by its admission stage).
+        self.upstream_inflight: Callable[[], dict[str, int]] = dict
         self.routes: dict[str, RouteMetrics] = {}
         self.unrouted = RouteMetrics(self, NO_ROUTE, (), idempotent=False)
         self.registry = CollectorRegistry()
         self.registry.register(self)
+        # process_* (memory, CPU, fds, start time) and python_info, read at scrape time.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def compile(self, config: Config) -> None:
         """Create the series of the config's routes and upstreams (kept across reloads)."""
@@ -175,11 +226,27 @@ class Metrics:
             histogram = self.upstream_duration[name] = Histogram()
         return histogram
 
+    def target(self, upstream: str, target: str) -> TargetMetrics:
+        return TargetMetrics(self, upstream, target)
+
     def count_reload(self, result: str) -> None:
         """Hook for the reloader: one call per attempt (`success`, `failure`, `unchanged`)."""
         cell = self.config_reloads.get(result)
         if cell is not None:
             cell.value += 1
+
+    def _inflight(self) -> GaugeMetricFamily:
+        """Per upstream; `upstream=""` holds requests not (yet) admitted to one, so the sum is
+        every request in progress."""
+        family = GaugeMetricFamily(
+            "idemproxy_inflight_requests", "Requests in progress, by upstream.", labels=["upstream"]
+        )
+        admitted = 0
+        for name, count in list(self.upstream_inflight().items()):
+            family.add_metric([name], count)
+            admitted += count
+        family.add_metric([NO_ROUTE], max(0, self.inflight.value - admitted))
+        return family
 
     def collect(self) -> Iterator[Metric]:
         """The registry's view; runs in a worker thread, so dicts are copied before iterating."""
@@ -188,6 +255,13 @@ class Metrics:
             "Requests answered, by route, method and status class.",
             ["route", "method", "status_class"],
             list(self.requests.items()),
+        )
+        yield _counters(
+            "idemproxy_proxy_responses",
+            "Answers the proxy made itself instead of relaying the upstream's, by route and reason"
+            " (a subset of idemproxy_requests_total).",
+            ["route", "reason"],
+            list(self.proxy_responses.items()),
         )
         yield _histograms(
             "idemproxy_request_duration_seconds",
@@ -200,6 +274,18 @@ class Metrics:
             "Time until the upstream's response head, by upstream.",
             "upstream",
             self.upstream_duration,
+        )
+        yield _counters(
+            "idemproxy_upstream_requests",
+            "Attempts sent to each upstream target, by answer status class or failure.",
+            ["upstream", "target", "outcome"],
+            list(self.target_requests.items()),
+        )
+        yield _histograms(
+            "idemproxy_upstream_request_duration_seconds",
+            "Time from sending an attempt to its response head (or failure), by target.",
+            ["upstream", "target"],
+            self.target_duration,
         )
         yield _counters(
             "idemproxy_idempotency",
@@ -217,9 +303,22 @@ class Metrics:
             "Client connections answered 503 and closed because limits.max_connections were open.",
             value=self.connections_rejected.value,
         )
-        yield GaugeMetricFamily(
-            "idemproxy_inflight_requests", "Requests in progress.", value=self.inflight.value
+        yield self._inflight()
+        targets = GaugeMetricFamily(
+            "idemproxy_upstream_inflight_requests",
+            "Attempts waiting for or streaming an answer from each upstream target.",
+            labels=["upstream", "target"],
         )
+        for (upstream, target), cell in list(self.target_inflight.items()):
+            targets.add_metric([upstream, target], cell.value)
+        yield targets
+        build = GaugeMetricFamily(
+            "idemproxy_build_info",
+            "Always 1; the labels say which idemproxy and Python run.",
+            labels=["version", "python"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
         up = GaugeMetricFamily(
             "idemproxy_upstream_up",
             "1 while the upstream's active health check passes, by upstream.",
@@ -238,6 +337,18 @@ class Metrics:
         yield circuits
         if self.store_memory is not None:
             yield from _store_memory(self.store_memory)
+        yield CounterMetricFamily(
+            "idemproxy_spans_exported",
+            "Spans the OTLP collector accepted.",
+            value=self.spans_exported.value,
+        )
+        yield _counters(
+            "idemproxy_spans_dropped",
+            "Spans lost: queue_full (the export queue was full), export_failed (the collector"
+            " refused them or could not be reached).",
+            ["reason"],
+            [(("queue_full",), self.spans_dropped), (("export_failed",), self.spans_failed)],
+        )
         yield _counters(
             "idemproxy_config_reloads",
             "Config reload attempts, by result.",
@@ -267,11 +378,17 @@ def _counters(
 
 
 def _histograms(
-    name: str, documentation: str, label: str, series: dict[str, Histogram]
+    name: str,
+    documentation: str,
+    labels: str | list[str],
+    series: dict[str, Histogram] | dict[tuple[str, str], Histogram],
 ) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=[label])
+    family = HistogramMetricFamily(
+        name, documentation, labels=[labels] if isinstance(labels, str) else labels
+    )
     for value, histogram in list(series.items()):
-        family.add_metric([value], histogram.cumulative(), histogram.sum)
+        values = [value] if isinstance(value, str) else list(value)
+        family.add_metric(values, histogram.cumulative(), histogram.sum)
     return family
 
 

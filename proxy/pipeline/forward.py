@@ -23,7 +23,7 @@ from proxy.http.headers import (
     upstream_request_headers,
 )
 from proxy.http.problem import problem
-from proxy.upstream.targets import Upstream
+from proxy.upstream.targets import Upstream, served_by
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 
 # Expect is answered by the proxy itself; the upstream never sees it.
@@ -67,8 +67,10 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             )
         except UpstreamError as exc:
             ctx.upstream_duration = time.perf_counter() - started
+            ctx.upstream_target = exc.target
             return _failed(ctx, exc)
         ctx.upstream_duration = time.perf_counter() - started
+        ctx.upstream_target = served_by(response)
         ctx.upstream_outcome = "answered"
         return await _relay(ctx, response, limits.write_timeout)
 

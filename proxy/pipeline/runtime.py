@@ -23,6 +23,7 @@ from proxy.idempotency.keys import KeyHasher
 from proxy.observability import logsink, tracing
 from proxy.observability.access_log import AccessLog
 from proxy.observability.metrics import Metrics, process_metrics
+from proxy.observability.spans import SpanSink
 from proxy.pipeline import admission, forward
 from proxy.pipeline.routing import RouteTable
 from proxy.quota import stage as quota
@@ -59,20 +60,35 @@ class Runtime:
         self.config = config
         self.metrics = metrics or process_metrics()
         self.metrics.compile(config)
-        self.access_log = AccessLog(config.logging, self.metrics, log or logsink.STDOUT)
+        self.access_log = AccessLog(
+            config.logging, self.metrics, log or logsink.STDOUT, config.limits.write_timeout
+        )
         self.inflight = InFlight()
         self._owns_store = store is None
         self.store = open_store(config.store) if store is None else store
         self.hasher = KeyHasher(config.logging.hash_salt)
-        self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        self.upstreams = {
+            name: Upstream(name, cfg, self.metrics) for name, cfg in config.upstreams.items()
+        }
         self.limiter: Limiter | None = None
+        self.spans: SpanSink | None = None
         if previous is not None:
             self._inherit(previous)
+        export = config.tracing.export
+        if export is not None and self.spans is None:
+            metrics = self.metrics
+            self.spans = SpanSink(
+                export, metrics.spans_exported, metrics.spans_dropped, metrics.spans_failed
+            )
+        self.access_log.spans = self.spans
         self.routes: RouteTable[CompiledRoute] = RouteTable(
             (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
             for r in config.routes
         )
-        self.entry: Handler = tracing.stage(self.access_log.stage(self._dispatch))
+        self.entry: Handler = tracing.stage(
+            self.access_log.stage(self._dispatch),
+            self.spans.sample if self.spans is not None else None,
+        )
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
@@ -123,6 +139,8 @@ class Runtime:
         ):
             # Taken over: closing the previous runtime must not clear the counters.
             self.limiter, previous.limiter = previous.limiter, None
+        if previous.config.tracing.export == self.config.tracing.export:
+            self.spans, previous.spans = previous.spans, None  # queued spans go on
 
     async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -172,6 +190,8 @@ class Runtime:
             await upstream.close()
         if self.limiter is not None:
             await self.limiter.close()
+        if self.spans is not None:
+            await asyncio.to_thread(self.spans.shutdown)
         if self._owns_store:
             await self.store.close()
 

@@ -254,10 +254,13 @@ async def serve(
 
     def circuit_states() -> list[tuple[str, str, float]]:
         return [
-            (name, url, STATE_VALUES[state])
+            (name, label, STATE_VALUES[state])
             for name, upstream in list(plane.runtime.upstreams.items())
-            for url, state in upstream.circuit_states()
+            for label, state in upstream.circuit_labels()
         ]
+
+    def upstream_inflight() -> dict[str, int]:
+        return {name: u.inflight for name, u in list(plane.runtime.upstreams.items())}
 
     monitor.on_target = target_health
     monitor.target_states = target_states(plane)
@@ -265,6 +268,7 @@ async def serve(
     plane.runtime.metrics.circuit_states = circuit_states
     if isinstance(store, MemoryStore):
         plane.runtime.metrics.store_memory = store.budget
+    plane.runtime.metrics.upstream_inflight = upstream_inflight
     await monitor.attach(config, store)
     plane.probes = health.probes(monitor)
     reloader = Reloader(path, plane, monitor)

@@ -9,10 +9,14 @@ Read API for /health and /metrics: `Upstream.targets` (url, weight, healthy, bre
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterable, AsyncIterator
+
+from yarl import URL
 
 from proxy.config import Upstream as UpstreamConfig
 from proxy.http.headers import Headers
+from proxy.observability.metrics import Metrics, TargetMetrics, process_metrics
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
 from proxy.upstream.h1 import H1Transport
 from proxy.upstream.transport import (
@@ -37,19 +41,35 @@ class CircuitOpen(UpstreamNotSent):
     title = "Circuit open"
 
 
+def target_label(url: str) -> str:
+    """The `target` label of a target URL: host:port only, so no userinfo, path or query can
+    reach a metric; targets come from the config, so the label set stays bounded."""
+    parsed = URL(url)
+    host = parsed.host or ""
+    return f"[{host}]:{parsed.port}" if ":" in host else f"{host}:{parsed.port}"
+
+
 class _Judged:
     """A response whose target's breaker hears the verdict when it is released, not when its
     head arrives: a body that breaks after a good head counts as a failure, and a half-open
-    probe lasts until its body is through."""
+    probe lasts until its body is through. The target's in-flight count ends there too."""
 
-    __slots__ = ("_breaker", "_failed", "_generation", "_response", "content_length", "headers",
-                 "reason", "status")
+    __slots__ = ("_breaker", "_failed", "_generation", "_inflight", "_response",
+                 "content_length", "headers", "reason", "status", "target")
 
     def __init__(
-        self, response: UpstreamResponse, breaker: CircuitBreaker, generation: int, failed: bool
+        self,
+        response: UpstreamResponse,
+        target: str,
+        stats: TargetMetrics,
+        breaker: CircuitBreaker | None,
+        generation: int,
+        failed: bool,
     ) -> None:
         self._response = response
-        self._breaker: CircuitBreaker | None = breaker
+        self.target = target
+        self._inflight: TargetMetrics | None = stats
+        self._breaker = breaker
         self._generation = generation
         self._failed: bool | None = failed
         self.status = response.status
@@ -57,7 +77,12 @@ class _Judged:
         self.headers = response.headers
         self.content_length = response.content_length
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
+        if self._breaker is None:  # no verdict to keep: the transport's own iterator
+            return self._response.chunks()
+        return self._judged_chunks()
+
+    async def _judged_chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.chunks():
                 yield chunk
@@ -70,16 +95,27 @@ class _Judged:
 
     def release(self) -> None:
         self._response.release()
+        stats, self._inflight = self._inflight, None
+        if stats is not None:
+            stats.inflight.value -= 1
         breaker, self._breaker = self._breaker, None
         if breaker is not None:
             breaker.release(self._generation, self._failed)
 
 
-class Target:
-    __slots__ = ("breaker", "current", "healthy", "transport", "url", "weight")
+def served_by(response: UpstreamResponse) -> str | None:
+    """The target label of the target that sent `response` (from `Upstream.send`)."""
+    return response.target if isinstance(response, _Judged) else None
 
-    def __init__(self, url: str, weight: int, config: UpstreamConfig) -> None:
+
+class Target:
+    __slots__ = ("breaker", "current", "healthy", "label", "stats", "transport", "url", "weight")
+
+    def __init__(self, url: str, weight: int, config: UpstreamConfig, stats: TargetMetrics
+                 ) -> None:
         self.url = url
+        self.label = target_label(url)
+        self.stats = stats
         self.weight = weight
         self.healthy = True
         self.current = 0  # smooth weighted round robin state
@@ -101,7 +137,7 @@ class Upstream:
 
     __slots__ = ("_failure_statuses", "config", "inflight", "name", "retrying", "targets")
 
-    def __init__(self, name: str, config: UpstreamConfig) -> None:
+    def __init__(self, name: str, config: UpstreamConfig, metrics: Metrics | None = None) -> None:
         self.name = name
         self.config = config
         weighted = (
@@ -109,7 +145,11 @@ class Upstream:
             if config.targets is not None
             else [(url, 1) for url in config.target_urls]
         )
-        self.targets = [Target(url, weight, config) for url, weight in weighted]
+        metrics = metrics or process_metrics()
+        self.targets = [
+            Target(url, weight, config, metrics.target(name, target_label(url)))
+            for url, weight in weighted
+        ]
         breaker = config.circuit_breaker
         self._failure_statuses = frozenset(breaker.failure_statuses if breaker else ())
         # Requests in progress (admission stage) and those of them retrying (retry policy).
@@ -150,18 +190,27 @@ class Upstream:
         if chosen is None:
             raise self._circuit_open()
         breaker = chosen.breaker
-        if breaker is None:
-            return await chosen.transport.send(method, target, headers, body, deadline)
-        generation = breaker.acquire()
+        generation = breaker.acquire() if breaker is not None else 0
+        stats = chosen.stats
+        stats.inflight.value += 1
+        started = time.perf_counter()
         try:
             response = await chosen.transport.send(method, target, headers, body, deadline)
-        except UpstreamError:
-            breaker.release(generation, True)
+        except UpstreamError as exc:
+            exc.target = chosen.label
+            stats.inflight.value -= 1
+            stats.failed(exc.sent, time.perf_counter() - started)
+            if breaker is not None:
+                breaker.release(generation, True)
             raise
         except BaseException:
-            breaker.release(generation, None)  # cancelled: no verdict
+            stats.inflight.value -= 1
+            if breaker is not None:
+                breaker.release(generation, None)  # cancelled: no verdict
             raise
-        return _Judged(response, breaker, generation, response.status in self._failure_statuses)
+        stats.answered(response.status, time.perf_counter() - started)
+        failed = response.status in self._failure_statuses
+        return _Judged(response, chosen.label, stats, breaker, generation, failed)
 
     def _circuit_open(self) -> CircuitOpen:
         waits = [t.breaker.retry_after() for t in self.targets if t.weight and t.breaker]
@@ -174,8 +223,12 @@ class Upstream:
         self.targets[index].healthy = healthy
 
     def circuit_states(self) -> list[tuple[str, str]]:
-        """(target url, closed|open|half_open) for every target (idemproxy_circuit_state)."""
+        """(target url, closed|open|half_open) for every target."""
         return [(t.url, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
+
+    def circuit_labels(self) -> list[tuple[str, str]]:
+        """(target label, state) for idemproxy_circuit_state: never the URL (userinfo)."""
+        return [(t.label, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per target, for /health: url, weight, healthy, circuit (None without a breaker),

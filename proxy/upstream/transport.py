@@ -24,6 +24,8 @@ class UpstreamError(Exception):
     retry_after: float | None = None
     slug = "upstream-unreachable"
     title = "Upstream unreachable"
+    # The target label (host:port) of the target that failed, when one was picked.
+    target: str | None = None
 
     @property
     def error_type(self) -> str:

@@ -56,7 +56,7 @@ def test_counters_histograms_and_amount_gauges_add_up_state_gauges_stay_per_work
     assert seen[GET_2XX] == 7
     assert seen[BUCKET_25MS] == 7
     assert seen[("idemproxy_request_duration_seconds_count", (("route", "api"),))] == 7
-    assert seen[("idemproxy_inflight_requests", ())] == 3
+    assert seen[("idemproxy_inflight_requests", (("upstream", ""),))] == 3
     assert seen[("idemproxy_upstream_up", (("upstream", "app"), ("worker", "0")))] == 1
     assert seen[("idemproxy_upstream_up", (("upstream", "app"), ("worker", "1")))] == 0
 
@@ -69,4 +69,35 @@ def test_an_exited_workers_counts_stay_in_the_sums_but_not_its_gauges() -> None:
     fleet.observed(0, worker_text(requests=1, inflight=0, up=True))  # the restarted process
     seen = samples(fleet)
     assert seen[GET_2XX] == 8  # never below the 7 reported before the restart
-    assert seen[("idemproxy_inflight_requests", ())] == 2
+    assert seen[("idemproxy_inflight_requests", (("upstream", ""),))] == 2
+
+
+def test_process_metrics_add_up_but_start_time_fd_limit_and_build_info_do_not() -> None:
+    def worker(rss: float, fds: float, started: float) -> str:
+        return (
+            "# TYPE process_resident_memory_bytes gauge\n"
+            f"process_resident_memory_bytes {rss}\n"
+            "# TYPE process_open_fds gauge\n"
+            f"process_open_fds {fds}\n"
+            "# TYPE process_max_fds gauge\n"
+            "process_max_fds 1024\n"
+            "# TYPE process_start_time_seconds gauge\n"
+            f"process_start_time_seconds {started}\n"
+            "# TYPE process_cpu_seconds_total counter\n"
+            "process_cpu_seconds_total 2.5\n"
+            "# TYPE idemproxy_build_info gauge\n"
+            'idemproxy_build_info{version="1.0",python="3.11.2"} 1\n'
+        )
+
+    fleet = FleetMetrics()
+    fleet.observed(0, worker(100e6, 20, 1000.0))
+    fleet.observed(1, worker(50e6, 12, 900.0))
+    fleet.observed(2, worker(70e6, 15, 1100.0))
+    fleet.retire(2)  # its CPU seconds stay in the sum; its memory and fds are gone
+    seen = samples(fleet)
+    assert seen[("process_resident_memory_bytes", ())] == 150e6
+    assert seen[("process_open_fds", ())] == 32
+    assert seen[("process_max_fds", ())] == 1024
+    assert seen[("process_start_time_seconds", ())] == 900.0
+    assert seen[("process_cpu_seconds_total", ())] == 7.5
+    assert seen[("idemproxy_build_info", (("python", "3.11.2"), ("version", "1.0")))] == 1

@@ -33,12 +33,24 @@ def test_valid_traceparent_round_trips(trace_id: str, span_id: str, flag: str) -
 def test_mangled_traceparent_is_refused(trace_id: str, span_id: str, flag: str, how: str) -> None:
     value = {
         "upper": f"00-{trace_id.upper()}-{span_id}-{flag}",
-        "version": f"01-{trace_id}-{span_id}-{flag}",
+        "version": f"ff-{trace_id}-{span_id}-{flag}",  # the one forbidden version
         "extra": f"00-{trace_id}-{span_id}-{flag}-00",
         "short": f"00-{trace_id[1:]}-{span_id}-{flag}",
     }[how]
     if value != f"00-{trace_id}-{span_id}-{flag}":
         assert tracing.parse_traceparent(value) is None
+
+
+@FAST
+@given(trace_ids, span_ids, flags, st.text(HEX, min_size=2, max_size=2), st.text(max_size=20))
+def test_later_traceparent_versions_parse_by_their_first_four_fields(
+    trace_id: str, span_id: str, flag: str, version: str, rest: str
+) -> None:
+    value = f"{version}-{trace_id}-{span_id}-{flag}"
+    if version not in ("00", "ff"):
+        parsed = (trace_id, span_id, flag)
+        assert tracing.parse_traceparent(value) == parsed
+        assert tracing.parse_traceparent(f"{value}-{rest}".strip(" \t")) == parsed
 
 
 @FAST

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -13,12 +15,13 @@ from aiohttp.test_utils import make_mocked_request
 from proxy.config import Logging
 from proxy.http.context import RequestContext
 from proxy.observability import events, logsink
-from proxy.observability.access_log import AccessLog, allowed_query, encode
+from proxy.observability.access_log import AccessLog, allowed_query, encode, server_of
 from proxy.observability.metrics import Metrics
 from tests.support.lines import Lines
 from tests.support.observed import observe
 from tests.support.ports import free_port, wait_until
 from tests.support.proxy_process import base_config
+from tests.support.raw_client import RawConnection
 from tests.support.raw_http import exchange, status_of
 from tests.support.upstream import RecordingUpstream
 
@@ -30,11 +33,17 @@ FIELDS = {
     "http.request.method": str,
     "url.path": str,
     "url.query": type(None),
+    "url.scheme": str,
+    "server.address": str,
+    "server.port": int,
+    "network.protocol.version": str,
     "http.route": str,
     "http.response.status_code": int,
     "duration_ms": float,
     "upstream.duration_ms": float,
     "upstream.name": str,
+    "upstream.target": str,
+    "http.request.resend_count": int,
     "client.address": str,
     "user_agent.original": str,
     "http.request.header.x-request-id": type(None),
@@ -63,6 +72,10 @@ async def test_success_line_has_every_field_typed(aiohttp_client, upstream: Reco
     assert line["http.request.body.size"] == 5
     assert line["http.response.body.size"] == len(body)
     assert line["upstream.name"] == "app"
+    assert line["upstream.target"] == upstream.url.removeprefix("http://")  # host:port
+    assert line["http.request.resend_count"] == 0
+    assert (line["url.scheme"], line["network.protocol.version"]) == ("http", "1.1")
+    assert (line["server.address"], line["server.port"]) == ("127.0.0.1", seen.port)
     assert 0 < line["upstream.duration_ms"] <= line["duration_ms"]
     assert line["client.address"] == "127.0.0.1"
     assert line["user_agent.original"] == "curl/8.4.0"
@@ -347,3 +360,66 @@ async def test_in_process_proxies_keep_their_lines_off_stdout(
     assert (line["url.path"], line["http.request.header.x-request-id"]) == ("/kept", "r1")
     logsink.STDOUT.flush(2)
     assert "/kept" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("host", "scheme", "expected"),
+    [
+        ("api.example.com:8443", "http", ("api.example.com", 8443)),
+        ("api.example.com", "http", ("api.example.com", 80)),
+        ("api.example.com", "https", ("api.example.com", 443)),
+        ("[::1]:9000", "http", ("[::1]", 9000)),
+        ("[::1]", "http", ("[::1]", 80)),
+        ("h:99999999999999999999", "http", ("h:99999999999999999999", 80)),  # no huge ints
+        ("", "http", (None, None)),
+        (None, "http", (None, None)),
+    ],
+)
+def test_server_address_and_port_come_from_the_host_header(
+    host: str | None, scheme: str, expected: tuple[str | None, int | None]
+) -> None:
+    assert server_of(host, scheme) == expected
+
+
+async def test_retries_and_the_target_that_failed_are_logged(aiohttp_client) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = base_config(dead)
+    config["routes"][0]["retries"] = {"attempts": 3, "backoff": "1ms", "max_backoff": "2ms"}
+    seen = await observe(aiohttp_client, config)
+    assert (await seen.client.get("/x")).status == 502
+    [line] = await seen.lines.wait_for(1)
+    assert line["http.request.resend_count"] == 2  # three attempts: two resends
+    assert line["upstream.target"] == dead.removeprefix("http://")
+
+
+async def test_duration_includes_the_wait_for_a_slow_reader(
+    aiohttp_client, upstream: RecordingUpstream
+) -> None:
+    """A body the kernel cannot take at once (the client reads nothing for a while): the line's
+    duration ends when the last byte was accepted, so it covers the client's pause."""
+    body = b"x" * (48 * 1024)  # under asyncio's 64 KiB high-water mark: written without a wait
+    seen = await observe(aiohttp_client, base_config(upstream.url))
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        # Pin the proxy's send buffer small (loopback autotuning would take megabytes), so the
+        # body cannot all be in the kernel while the client is not reading.
+        for ctx in seen.client.server.plane._live.values():
+            ctx.request.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+        return web.Response(body=body)
+
+    upstream.respond = big
+    pause = 0.4
+    with RawConnection(seen.port, timeout=5, rcvbuf=2048) as client:
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.send(b"GET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
+        await asyncio.wait_for(upstream.arrived.wait(), 5)
+        await asyncio.sleep(pause)  # the slow reader's pause is the thing measured
+        started = time.monotonic()
+        response = await asyncio.to_thread(client.read_response)
+        assert response is not None and response.body == body
+        read_for = time.monotonic() - started
+    [line] = await seen.lines.wait_for(1)
+    assert line["http.response.body.size"] == len(body)
+    assert line["duration_ms"] >= pause * 1000 * 0.9, (line["duration_ms"], read_for)

@@ -29,6 +29,13 @@ EXPECTED_TYPES = {
     "idemproxy_log_dropped": "counter",
     "idemproxy_upstream_up": "gauge",
     "idemproxy_circuit_state": "gauge",
+    "idemproxy_proxy_responses": "counter",
+    "idemproxy_upstream_requests": "counter",
+    "idemproxy_upstream_request_duration_seconds": "histogram",
+    "idemproxy_upstream_inflight_requests": "gauge",
+    "idemproxy_build_info": "gauge",
+    "idemproxy_spans_exported": "counter",
+    "idemproxy_spans_dropped": "counter",
 }
 
 
@@ -100,7 +107,7 @@ async def test_scrape_after_a_known_sequence(aiohttp_client, upstream: Recording
     assert requests("", "GET", "4xx") == 1  # no route: the empty route label
     assert values[("idemproxy_request_duration_seconds_count", (("route", "orders"),))] == 4
     assert values[("idemproxy_upstream_duration_seconds_count", (("upstream", "app"),))] == 5
-    assert values[("idemproxy_inflight_requests", ())] == 0
+    assert values[("idemproxy_inflight_requests", (("upstream", ""),))] == 0
     assert values[("idemproxy_config_reloads_total", (("result", "failure"),))] == 1
     assert values[("idemproxy_log_dropped_total", ())] == 0
     buckets = [

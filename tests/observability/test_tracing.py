@@ -38,7 +38,9 @@ HEX16 = re.compile(r"^[0-9a-f]{16}$")
         (f"00-{TRACE}-{SPAN}-ff", (TRACE, SPAN, "ff")),  # as received; cleared when sent on
         (f" 00-{TRACE}-{SPAN}-01\t", (TRACE, SPAN, "01")),  # optional whitespace
         (f"00-{TRACE.upper()}-{SPAN}-01", None),  # uppercase hex
-        (f"01-{TRACE}-{SPAN}-01", None),  # unknown version
+        (f"01-{TRACE}-{SPAN}-01", (TRACE, SPAN, "01")),  # a later version: first four fields
+        (f"cc-{TRACE}-{SPAN}-01-future", (TRACE, SPAN, "01")),
+        (f"cc-{TRACE}-{SPAN}-01.future", None),  # later fields follow a dash
         (f"ff-{TRACE}-{SPAN}-01", None),  # forbidden version
         (f"00-{'0' * 32}-{SPAN}-01", None),  # all-zero trace id
         (f"00-{TRACE}-{'0' * 16}-01", None),  # all-zero parent id
@@ -90,7 +92,10 @@ def test_parse_trace_id(header: str | None, expected: str | None) -> None:
         (["rojo=a=b"], None),
         (["rojo="], None),
         ([",".join(f"k{i}=v" for i in range(33))], None),  # more than 32 members
-        (["k=" + "v" * (MAX_TRACESTATE - 1)], None),  # over the size bound
+        (["a=1,b=2,a=3"], None),  # a key twice
+        (["k=" + "v" * (MAX_TRACESTATE - 1)], None),  # a value over 256 characters
+        # 513 characters: the last long member goes first, the short ones stay whole.
+        (["a=1", "b=" + "v" * 250, "c=" + "v" * 250, "d=2"], "a=1,b=" + "v" * 250 + ",d=2"),
         ([""], None),
     ],
 )
