@@ -10,7 +10,8 @@ read-only with a tmpfs on /tmp, their own USER, Env, WorkingDir and ENTRYPOINT.
 
 Needs root and podman (debootstrap too when the base is missing): .ci/run installs both; under
 CI their absence fails, elsewhere the module is skipped with the reason. Warm (base cached) it
-takes about a minute and a half; the first base costs about one minute more."""
+takes 1 to 2.5 minutes, mostly the two builds; the first base costs about one minute more.
+docs/deploy/container.md says what this covers and what it does not."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def roots(images: dict[str, Image]) -> Iterator[dict[str, Path]]:
 
 
 @pytest.fixture
-def started(tmp_path: Path) -> Iterator[list[ImageProcess]]:
+def started() -> Iterator[list[ImageProcess]]:
     """Processes a test starts on an image; any still running at teardown are stopped."""
     processes: list[ImageProcess] = []
     yield processes
