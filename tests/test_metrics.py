@@ -29,6 +29,7 @@ EXPECTED_TYPES = {
     "idemproxy_log_dropped": "counter",
     "idemproxy_upstream_up": "gauge",
     "idemproxy_circuit_state": "gauge",
+    "idemproxy_upstream_protocol_violations": "counter",
 }
 
 

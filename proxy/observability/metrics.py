@@ -130,6 +130,7 @@ class Metrics:
         self.request_duration: dict[str, Histogram] = {}
         self.upstream_duration: dict[str, Histogram] = {}
         self.idempotency: dict[tuple[str, str], Cell] = {}
+        self.protocol_violations: dict[tuple[str, str], Cell] = {}
         self.store_errors = Cell()
         self.inflight = Cell()
         self.connections_rejected = Cell()
@@ -171,6 +172,13 @@ class Metrics:
             histogram = self.upstream_duration[name] = Histogram()
         return histogram
 
+    def upstream_violations(self, upstream: str, reasons: Iterable[str]) -> dict[str, Cell]:
+        """The upstream's protocol violation counters by reason, created at 0."""
+        return {
+            reason: self.protocol_violations.setdefault((upstream, reason), Cell())
+            for reason in reasons
+        }
+
     def count_reload(self, result: str) -> None:
         """Hook for the reloader: one call per attempt (`success`, `failure`, `unchanged`)."""
         cell = self.config_reloads.get(result)
@@ -202,6 +210,12 @@ class Metrics:
             "Idempotency decisions, by route and outcome.",
             ["route", "outcome"],
             list(self.idempotency.items()),
+        )
+        yield _counters(
+            "idemproxy_upstream_protocol_violations",
+            "Upstream connections discarded for bytes outside a response's framing, by reason.",
+            ["upstream", "reason"],
+            list(self.protocol_violations.items()),
         )
         yield CounterMetricFamily(
             "idemproxy_store_errors",

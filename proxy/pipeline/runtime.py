@@ -63,7 +63,9 @@ class Runtime:
         self._owns_store = store is None
         self.store = open_store(config.store) if store is None else store
         self.hasher = KeyHasher(config.logging.hash_salt)
-        self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        self.upstreams = {
+            name: Upstream(name, cfg, self.metrics) for name, cfg in config.upstreams.items()
+        }
         self.limiter: Limiter | None = None
         if previous is not None:
             self._inherit(previous)

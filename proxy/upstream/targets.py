@@ -13,20 +13,17 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 from proxy.config import Upstream as UpstreamConfig
 from proxy.http.headers import Headers
+from proxy.observability.events import emit
+from proxy.observability.metrics import Metrics, process_metrics
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
 from proxy.upstream.h1 import H1Transport
+from proxy.upstream.h1_connection import Report, Violation
 from proxy.upstream.transport import (
-    AiohttpTransport,
     Transport,
     UpstreamError,
     UpstreamNotSent,
     UpstreamResponse,
 )
-
-TRANSPORTS: dict[str, type[AiohttpTransport] | type[H1Transport]] = {
-    "h1": H1Transport,
-    "aiohttp": AiohttpTransport,
-}
 
 
 class CircuitOpen(UpstreamNotSent):
@@ -78,16 +75,17 @@ class _Judged:
 class Target:
     __slots__ = ("breaker", "current", "healthy", "transport", "url", "weight")
 
-    def __init__(self, url: str, weight: int, config: UpstreamConfig) -> None:
+    def __init__(self, url: str, weight: int, config: UpstreamConfig, report: Report) -> None:
         self.url = url
         self.weight = weight
         self.healthy = True
         self.current = 0  # smooth weighted round robin state
-        self.transport: Transport = TRANSPORTS[config.transport](
+        self.transport: Transport = H1Transport(
             url,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
             max_connections=config.max_connections,
+            report=report,
         )
         breaker = config.circuit_breaker
         self.breaker = CircuitBreaker(breaker) if breaker is not None else None
@@ -101,7 +99,7 @@ class Upstream:
 
     __slots__ = ("_failure_statuses", "config", "inflight", "name", "retrying", "targets")
 
-    def __init__(self, name: str, config: UpstreamConfig) -> None:
+    def __init__(self, name: str, config: UpstreamConfig, metrics: Metrics | None = None) -> None:
         self.name = name
         self.config = config
         weighted = (
@@ -109,7 +107,8 @@ class Upstream:
             if config.targets is not None
             else [(url, 1) for url in config.target_urls]
         )
-        self.targets = [Target(url, weight, config) for url, weight in weighted]
+        report = _reporter(name, metrics or process_metrics())
+        self.targets = [Target(url, weight, config, report) for url, weight in weighted]
         breaker = config.circuit_breaker
         self._failure_statuses = frozenset(breaker.failure_statuses if breaker else ())
         # Requests in progress (admission stage) and those of them retrying (retry policy).
@@ -204,3 +203,15 @@ class Upstream:
     async def close(self) -> None:
         for target in self.targets:
             await target.transport.close()
+
+
+def _reporter(upstream: str, metrics: Metrics) -> Report:
+    """Count and log each discarded connection. The target URL is left out of the event: it
+    may carry credentials, and the upstream name is enough to find the culprit."""
+    counters = metrics.upstream_violations(upstream, Violation)
+
+    def report(violation: Violation) -> None:
+        counters[violation].value += 1
+        emit("upstream_protocol_violation", "warning", upstream=upstream, reason=violation)
+
+    return report
