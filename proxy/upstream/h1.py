@@ -216,13 +216,17 @@ class H1Transport:
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
     ) -> tuple[bytes, int | None]:
-        """The request head, and the streamed body's declared length (None: chunked)."""
+        """The request head, and the streamed body's declared length (None: chunked). A `Host`
+        among `headers` (the client's, preserved) replaces the target's own."""
         lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n", self._host_line]
         length: int | None = None
         for name, value in headers:
             if len(name) in (14, 17) and name.lower() in ("content-length", "transfer-encoding"):
                 if name.lower() == "content-length":
                     length = int(value)
+                continue
+            if len(name) == 4 and name.lower() == "host":
+                lines[1] = f"Host: {value}\r\n"
                 continue
             lines.append(f"{name}: {value}\r\n")
         if isinstance(body, bytes):
