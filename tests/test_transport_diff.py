@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config import ConfigError, UpstreamHost, parse
 from proxy.upstream.h1 import H1Transport
 from tests.support.scripted_upstream import RawUpstream
 
@@ -149,3 +150,22 @@ async def test_the_upstream_receives_the_recorded_requests() -> None:
         await raw.stop()
     host = f"Host: 127.0.0.1:{raw.port}\r\n".encode()
     assert raw.requests == [expected.replace(b"{host}", host) for _, expected in REQUESTS]
+
+
+def test_the_removed_aiohttp_transport_is_refused_by_name() -> None:
+    upstream = {"url": "http://127.0.0.1:8080", "transport": "aiohttp"}
+    data = {"upstreams": {"app": upstream},
+            "routes": [{"name": "r", "match": {"path_prefix": "/"}, "upstream": "app"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, {})
+    [problem] = caught.value.problems
+    assert problem.startswith("upstreams.app.transport:")
+    assert "'aiohttp' was removed" in problem
+    upstream["transport"] = "h1"  # the one client, still accepted by name
+    assert parse(data, {}).upstreams["app"].transport == "h1"
+
+
+def test_host_defaults_to_the_clients() -> None:
+    data = {"upstreams": {"app": {"url": "http://127.0.0.1:8080"}},
+            "routes": [{"name": "r", "match": {"path_prefix": "/"}, "upstream": "app"}]}
+    assert parse(data, {}).upstreams["app"].host == UpstreamHost.PRESERVE
