@@ -11,7 +11,6 @@ response's framing; at reuse it must still have nothing waiting to be read.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 import ssl
 from collections import deque
@@ -271,11 +270,10 @@ def _quiet(conn: Connection) -> bool:
     bytes (a violation) or the upstream's close (stale): either way the connection is not used."""
     if conn.closed:
         return False  # and its descriptor may already belong to another socket
-    if conn.fd < 0:
+    poller = conn.poller
+    if poller is None:
         return True  # TLS: records are not application bytes; data_received rules
-    poll = select.poll()
-    poll.register(conn.fd, select.POLLIN)
-    if not poll.poll(0):
+    if not poller.poll(0):
         return True
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=conn.fd)
     try:
