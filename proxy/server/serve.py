@@ -95,6 +95,8 @@ def parse_error_response(exc: BaseException | None) -> web.Response:
 
 class _ProtocolHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
+        # aiohttp leaves the handler running when its client goes away (handler_cancellation
+        # off, which claimed idempotent requests need); forward registers what to abort.
         request = self._current_request
         super().connection_lost(exc)
         if request is not None:
