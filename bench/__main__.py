@@ -58,9 +58,9 @@ def _transports() -> list[str]:
     from proxy.config import Upstream
 
     field = Upstream.model_fields.get("transport")
-    if field is None:
-        return []
-    return list(field.annotation.__args__)  # type: ignore[union-attr]
+    # A Literal of transports to compare; a plain str since the one h1 client remains.
+    choices = getattr(field.annotation, "__args__", None) if field is not None else None
+    return list(choices) if choices else []
 
 
 def _has_idempotency_engine() -> bool:

@@ -10,6 +10,7 @@ import re
 import types
 import typing
 from collections.abc import Hashable, Iterator, Mapping
+from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -276,18 +277,38 @@ class Target(Model):
     weight: int = Field(default=1, ge=0)
 
 
+class UpstreamHost(StrEnum):
+    PRESERVE = "preserve"
+    UPSTREAM = "upstream"
+
+
 class Upstream(Model):
     url: HttpUrl | None = None
     targets: list[Target] | None = None
     connect_timeout: Duration = 2.0
     timeout: Duration = 30.0
     max_connections: int = Field(default=256, ge=1)
-    # h1: the proxy's own pooled HTTP/1.1 client (httptools); aiohttp: aiohttp's ClientSession.
-    transport: Literal["h1", "aiohttp"] = "h1"
+    # The one upstream client is the proxy's own (h1). The key stays only so that configs
+    # saying `h1` keep loading; `aiohttp` was removed (docs/security/upstream.md).
+    transport: str = "h1"
+    # The Host the upstream receives: the client's (preserve, as sidecars such as Envoy do, so
+    # that absolute redirects the upstream builds point back through the proxy) or the
+    # upstream URL's own host:port (upstream).
+    host: UpstreamHost = UpstreamHost.PRESERVE
     health: HealthCheck | None = None
     circuit_breaker: CircuitBreaker | None = None
     # Requests in progress beyond this are answered 503 `overloaded` at once (no queue).
     max_inflight: int | None = Field(default=None, ge=1)
+
+    @field_validator("transport")
+    @classmethod
+    def _h1_only(cls, transport: str) -> str:
+        if transport != "h1":
+            raise ValueError(
+                f"transport {transport!r} was removed: the proxy's own HTTP/1.1 client is the "
+                "only upstream transport; delete this key (see docs/security/upstream.md)"
+            )
+        return transport
 
     @model_validator(mode="after")
     def _one_destination(self) -> Upstream:

@@ -69,6 +69,10 @@ class RequestContext:
     close_connection: bool = False
 
 
+CLIENT_LOST: web.RequestKey[Callable[[], None]] = web.RequestKey("idemproxy_client_lost")
+"""Request storage key of a callback the server calls when the client's connection is lost
+while the request is being handled (forward sets it when the exchange may be aborted)."""
+
 Handler = Callable[[RequestContext], Awaitable[web.StreamResponse]]
 
 Payload = bytes | AsyncIterable[bytes] | None

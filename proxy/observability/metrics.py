@@ -172,6 +172,7 @@ class Metrics:
         self.target_requests: dict[tuple[str, str, str], Cell] = {}
         self.target_duration: dict[tuple[str, str], Histogram] = {}
         self.target_inflight: dict[tuple[str, str], Cell] = {}
+        self.protocol_violations: dict[tuple[str, str], Cell] = {}
         self.store_errors = Cell()
         self.inflight = Cell()
         self.connections_rejected = Cell()
@@ -228,6 +229,12 @@ class Metrics:
 
     def target(self, upstream: str, target: str) -> TargetMetrics:
         return TargetMetrics(self, upstream, target)
+    def upstream_violations(self, upstream: str, reasons: Iterable[str]) -> dict[str, Cell]:
+        """The upstream's protocol violation counters by reason, created at 0."""
+        return {
+            reason: self.protocol_violations.setdefault((upstream, reason), Cell())
+            for reason in reasons
+        }
 
     def count_reload(self, result: str) -> None:
         """Hook for the reloader: one call per attempt (`success`, `failure`, `unchanged`)."""
@@ -292,6 +299,12 @@ class Metrics:
             "Idempotency decisions, by route and outcome.",
             ["route", "outcome"],
             list(self.idempotency.items()),
+        )
+        yield _counters(
+            "idemproxy_upstream_protocol_violations",
+            "Upstream connections discarded for bytes outside a response's framing, by reason.",
+            ["upstream", "reason"],
+            list(self.protocol_violations.items()),
         )
         yield CounterMetricFamily(
             "idemproxy_store_errors",

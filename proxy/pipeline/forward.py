@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from proxy.config import Limits
+from proxy.config import Limits, UpstreamHost
 from proxy.http import body
-from proxy.http.context import Exchange, Handler, Payload, RequestContext
+from proxy.http.context import CLIENT_LOST, Exchange, Handler, Payload, RequestContext
 from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
@@ -33,10 +35,27 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops 
 _HEAD_OVERHEAD = 256
 
 
+# RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ); anything else (a CTL)
+# would make aiohttp refuse to write the head and answer its own 500 instead.
+_BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The one idempotency outcome under which the upstream exchange must run to completion (its
+# response is being stored), whatever the client does.
+_CLAIMED = "miss"
+
+
 class _Relayed(web.StreamResponse):
     # aiohttp's own opt-in (web.Response uses it): the head waits for the first body bytes and
     # leaves in the same write, one syscall per small response instead of two.
     _send_headers_immediately = False
+    # Whether the upstream sent a Content-Type. aiohttp adds `application/octet-stream` to
+    # any response with a body and none; a proxy must not invent a type (RFC 9110 §8.3 lets
+    # the recipient sniff or assume one, and that choice is the client's).
+    typed = True
+
+    async def _write_headers(self) -> None:
+        if not self.typed:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+        await super()._write_headers()
 
 
 def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchange) -> Handler:
@@ -53,6 +72,10 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             drop=_NOT_FORWARDED,
         )
         headers.extend(ctx.upstream_headers)
+        if upstream.config.host is UpstreamHost.PRESERVE:
+            host = request.headers.get("Host")
+            if host:
+                headers.append(("Host", host))  # the transport sends it instead of its own
         payload: Payload = None
         if ctx.body is not None:
             payload = ctx.body
@@ -61,20 +84,47 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             if request.content_length is not None:
                 headers.append(("Content-Length", str(request.content_length)))
         started = time.perf_counter()
+        abortable = ctx.idempotency_outcome != _CLAIMED
+        if abortable:
+            request[CLIENT_LOST] = _aborter(ctx)
         try:
             response = await send(
                 ctx, request.method, request.rel_url.raw_path_qs, headers, payload
             )
+            ctx.upstream_duration = time.perf_counter() - started
+            ctx.upstream_target = served_by(response)
+            ctx.upstream_outcome = "answered"
+            return await _relay(ctx, response, limits.write_timeout)
         except UpstreamError as exc:
             ctx.upstream_duration = time.perf_counter() - started
             ctx.upstream_target = exc.target
             return _failed(ctx, exc)
-        ctx.upstream_duration = time.perf_counter() - started
-        ctx.upstream_target = served_by(response)
-        ctx.upstream_outcome = "answered"
-        return await _relay(ctx, response, limits.write_timeout)
+        except asyncio.CancelledError:
+            if ctx.upstream_outcome is None and ctx.client_disconnected:
+                ctx.upstream_duration = time.perf_counter() - started
+                ctx.upstream_outcome = "ambiguous"  # it may have reached the upstream
+            raise
+        finally:
+            if abortable:
+                del request[CLIENT_LOST]
 
     return forward
+
+
+def _aborter(ctx: RequestContext) -> Callable[[], None]:
+    """What the server calls if the client goes away during an exchange nobody will store: the
+    upstream exchange is cancelled (its connection closed), as nginx does with
+    proxy_ignore_client_abort off, instead of keeping the upstream busy for no one. A claimed
+    request is left running so its outcome is recorded."""
+    task = asyncio.current_task()
+
+    def abort() -> None:
+        if task is not None and not ctx.client_disconnected:
+            ctx.client_disconnected = True
+            ctx.error_type = ctx.error_type or "client_disconnect"
+            task.cancel()
+
+    return abort
 
 
 def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
@@ -110,12 +160,21 @@ async def _relay(
     if bad_head:
         upstream.release()
         return _failed(ctx, UpstreamBroken(f"upstream response rejected: {bad_head}"))
-    response = _Relayed(status=upstream.status, reason=upstream.reason)
+    reason = upstream.reason
+    if _BAD_REASON.search(reason):
+        # The reason phrase carries no meaning (RFC 9112 §4: clients ignore it): the status's
+        # standard phrase replaces an unsendable one, and the status is relayed as it came.
+        reason = _standard_reason(upstream.status)
+    response = _Relayed(status=upstream.status, reason=reason)
     relayed = downstream_response_headers(upstream.headers)
     head_size = _HEAD_OVERHEAD + len(ctx.trace_id)
+    typed = False
     for name, value in (*relayed, *ctx.response_headers):
         response.headers.add(name, value)
         head_size += len(name) + len(value) + 4
+        if len(name) == 12 and name.lower() == "content-type":
+            typed = True
+    response.typed = typed
     response.headers["X-Trace-Id"] = ctx.trace_id
     response.headers.setdefault("Server", SERVER)
     if upstream.content_length is not None:
@@ -129,12 +188,12 @@ async def _relay(
     if not first or len(first) == upstream.content_length:
         # The whole body is here: head and body leave in one write, under one deadline (or
         # none, when the write cannot wait for the client).
-        ctx.response_body_size = len(first)
         if tap is not None and first:
             tap.feed(first)
         limit = None if _sends_at_once(ctx, head_size + len(first)) else write_timeout
         try:
-            await _deliver(ctx, _send_whole(response, ctx.request, first), limit)
+            if await _deliver(ctx, _send_whole(response, ctx.request, first), limit):
+                ctx.response_body_size = len(first)
         finally:
             upstream.release()
         return response
@@ -142,11 +201,13 @@ async def _relay(
     try:
         chunk = first
         while chunk:
-            ctx.response_body_size += len(chunk)
             if tap is not None:
                 tap.feed(chunk)
             if writing:
                 writing = await _deliver(ctx, response.write(chunk), write_timeout)
+                if writing:
+                    # Counted once handed over: body.size is what the client was sent.
+                    ctx.response_body_size += len(chunk)
             if not writing and tap is None:
                 break
             chunk = await anext(chunks, b"")
@@ -160,6 +221,13 @@ async def _relay(
     finally:
         upstream.release()
     return response
+
+
+def _standard_reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 async def _send_whole(response: web.StreamResponse, request: web.BaseRequest, body: bytes) -> None:

@@ -24,6 +24,7 @@ from proxy.admin import auth, health
 from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
+from proxy.http.context import CLIENT_LOST
 from proxy.http.problem import problem, problem_body
 from proxy.observability import events, logsink, tracing
 from proxy.observability.events import emit
@@ -93,6 +94,16 @@ def parse_error_response(exc: BaseException | None) -> web.Response:
 
 
 class _ProtocolHandler(RequestHandler):
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # aiohttp leaves the handler running when its client goes away (handler_cancellation
+        # off, which claimed idempotent requests need); forward registers what to abort.
+        request = self._current_request
+        super().connection_lost(exc)
+        if request is not None:
+            lost = request.get(CLIENT_LOST)
+            if lost is not None:
+                lost()
+
     def handle_error(
         self,
         request: web.BaseRequest,

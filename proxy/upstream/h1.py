@@ -1,39 +1,32 @@
-"""A minimal pooled HTTP/1.1 upstream client on asyncio.Protocol with the llhttp parser
-(httptools): the `Transport` the proxy uses by default, about three times cheaper per request
+"""The proxy's upstream client: a keep-alive pool of HTTP/1.1 connections (asyncio.Protocol
+with the llhttp parser, see proxy.upstream.h1_connection), about three times cheaper per request
 than aiohttp's ClientSession.
 
 One request at a time per connection (no pipelining). A connection goes back to the pool only
 when its response was read to the end, the upstream allows keep-alive (HTTP/1.1 without
-`Connection: close`), the whole request body was sent, and nothing unexpected arrived.
+`Connection: close`), the whole request body was sent, and nothing arrived outside the
+response's framing; at reuse it must still have nothing waiting to be read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import cast
 from urllib.parse import urlsplit
 
-import httptools
-
 from proxy.http.headers import Headers
+from proxy.upstream.h1_connection import Connection, Report, Violation
+from proxy.upstream.h1_connection import Stale as _Stale
 from proxy.upstream.transport import (
     UpstreamBroken,
     UpstreamConnectTimeout,
-    UpstreamError,
     UpstreamNotSent,
     UpstreamResponse,
-    UpstreamTimeout,
 )
 
-# Buffered response bytes at which reading from the upstream pauses, and resumes.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
-# A response head larger than this is refused (502) rather than buffered: Envoy's default
-# max_response_headers_kb is 60, nginx's proxy_buffer_size a few KiB.
-MAX_RESPONSE_HEAD = 64 * 1024
 # Idle connections older than this are closed rather than reused: upstream servers drop idle
 # keep-alive connections after a few seconds, and reusing one as it closes costs a retry.
 IDLE_TIMEOUT = 4.0
@@ -45,283 +38,8 @@ _KEY_HEADERS = frozenset({"idempotency-key", "x-idempotency-key"})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
 
-class _Stale(Exception):
-    """A reused keep-alive connection closed before any response byte arrived."""
-
-
-class _Connection(asyncio.Protocol):
-    """One upstream connection and the state of the exchange running on it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.parser: httptools.HttpResponseParser | None = None
-        self.reused = False
-        self.idle_since = 0.0
-        self.head_only = False
-        self.received = False
-        self.head_size = 0  # header bytes parsed so far
-        self.head_received = 0  # bytes received while the head was incomplete
-        self.status = 0
-        self.reason = ""
-        self.headers: Headers = []
-        self.content_length: int | None = None
-        self.delimited = False  # framed by Content-Length or chunked (else: until close)
-        self.head_done = False
-        self.head: asyncio.Future[None] | None = None
-        self.body: deque[bytes] = deque()
-        self.buffered = 0
-        self.complete = False
-        self.keep_alive = False
-        self.sent_all = False
-        self.error: UpstreamError | _Stale | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.reading_paused = False
-        self.writing_paused = False
-        self.informational = False
-
-    # --- asyncio.Protocol ------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None or self.complete:
-            # Bytes outside an exchange: the upstream is out of step; never reuse this one.
-            self.keep_alive = False
-            self._close()
-            return
-        self.received = True
-        if not self.head_done:
-            self.head_received += len(data)
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamBroken("the upstream switched protocols"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"malformed upstream response: {exc}"))
-        else:
-            if self.head_size > MAX_RESPONSE_HEAD or (
-                not self.head_done and self.head_received > MAX_RESPONSE_HEAD
-            ):
-                self._fail(UpstreamBroken(
-                    f"upstream response head larger than {MAX_RESPONSE_HEAD} bytes"
-                ))
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.parser is None or self.complete or self.error is not None:
-            return
-        if not self.received:
-            if self.reused:
-                self._fail(_Stale())
-            else:
-                self._fail(UpstreamBroken("the upstream closed the connection without answering"))
-        elif self.head_done and not self.delimited:
-            self.keep_alive = False
-            self._finish()  # a close-delimited body ends here
-        else:
-            self._fail(UpstreamBroken("the upstream closed the connection mid-response"))
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake()
-
-    # --- llhttp callbacks ------------------------------------------------------------------
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        self.head_size += len(name) + len(value)
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        status = self.parser.get_status_code()
-        if status < 200:
-            # 100 Continue, 103 Early Hints: interim, not relayed; the real head follows.
-            self.informational = True
-            self.headers = []
-            return
-        self.status = status
-        length: int | None = None
-        chunked = False
-        for name, value in self.headers:
-            lowered = name.lower()
-            if lowered == "content-length":
-                length = int(value)
-            elif lowered == "transfer-encoding":
-                if value.rpartition(",")[2].strip().lower() != "chunked":
-                    # Only chunked is decoded; relaying other codings raw would corrupt the body.
-                    self._fail(UpstreamBroken(f"unsupported Transfer-Encoding {value!r}"))
-                    return
-                chunked = True
-        self.content_length = None if chunked else length
-        self.delimited = chunked or length is not None or status in (204, 304)
-        self.head_done = True
-        if self.head is not None and not self.head.done():
-            self.head.set_result(None)
-        if self.head_only:
-            # A HEAD response has no body whatever its headers say; llhttp cannot be told so.
-            self.keep_alive = self.parser.should_keep_alive() and self.delimited
-            self._finish()
-        self._wake()
-
-    def on_body(self, chunk: bytes) -> None:
-        if self.complete:
-            self.keep_alive = False
-            return
-        self.body.append(chunk)
-        self.buffered += len(chunk)
-        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.informational:
-            self.informational = False
-            return
-        if self.complete:
-            return
-        assert self.parser is not None
-        self.keep_alive = self.parser.should_keep_alive()
-        self._finish()
-
-    # --- the exchange ----------------------------------------------------------------------
-
-    def begin(self, head_only: bool) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.head_only = head_only
-        self.received = self.head_done = self.complete = self.sent_all = False
-        self.head_size = self.head_received = 0
-        self.informational = False
-        self.keep_alive = False
-        self.headers = []
-        self.body.clear()
-        self.buffered = 0
-        self.error = None
-        self.head = self.loop.create_future()
-
-    def write(self, head: bytes, body: bytes | None) -> None:
-        assert self.transport is not None
-        self.transport.write(head + body if body else head)
-        self.sent_all = True
-
-    async def stream(self, head: bytes, body: AsyncIterable[bytes], length: int | None) -> None:
-        """Write the head, then the body as it comes (chunked unless `length` is declared)."""
-        transport = self.transport
-        assert transport is not None
-        transport.write(head)
-        written = 0
-        try:
-            async for chunk in body:
-                if self.error is not None or self.head_done:
-                    return  # the upstream answered (or failed) before taking the whole body
-                if not chunk:
-                    continue
-                written += len(chunk)
-                if length is None:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                elif written > length:
-                    raise UpstreamBroken("the request body is longer than its Content-Length")
-                else:
-                    transport.write(chunk)
-                while self.writing_paused and self.error is None and not self.head_done:
-                    await self._wait()
-        except UpstreamError:
-            self._close()
-            raise
-        except Exception as exc:
-            # The client's body failed (the caller finds the cause on its context).
-            self._close()
-            raise UpstreamBroken(f"the request body could not be read: {exc}") from exc
-        if self.error is not None or self.head_done:
-            return
-        if length is None:
-            transport.write(b"0\r\n\r\n")
-        elif written != length:
-            self._close()
-            raise UpstreamBroken("the request body is shorter than its Content-Length")
-        self.sent_all = True
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        body = self.body
-        while True:
-            if body:
-                chunk = body.popleft()
-                self.buffered -= len(chunk)
-                if self.reading_paused and self.buffered <= LOW_WATER and self.transport:
-                    self.reading_paused = False
-                    self.transport.resume_reading()
-                yield chunk
-            elif self.error is not None:
-                raise self.error
-            elif self.complete:
-                return
-            else:
-                await self._wait()
-
-    def timed_out(self, seconds: float) -> None:
-        if not self.complete and self.error is None:
-            self._fail(UpstreamTimeout(f"no complete upstream response within {seconds:g}s"))
-
-    @property
-    def reusable(self) -> bool:
-        return (
-            self.complete
-            and self.keep_alive
-            and self.sent_all
-            and not self.body
-            and not self.closed
-            and self.error is None
-        )
-
-    def end(self) -> None:
-        """Detach the finished exchange from the connection."""
-        head = self.head
-        if head is not None and head.done() and not head.cancelled():
-            head.exception()  # retrieved: a failure after the request failed is not news
-        self.parser = None
-        self.head = None
-
-    def _finish(self) -> None:
-        self.complete = True
-        self._wake()
-
-    def _fail(self, error: UpstreamError | _Stale) -> None:
-        self.error = error
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(error)
-        self._close()
-        self._wake()
-
-    def _close(self) -> None:
-        self.keep_alive = False
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()
-
-    async def _wait(self) -> None:
-        self.waiter = self.loop.create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+def _unreported(violation: Violation) -> None:
+    """Default `report` for a transport built without one (benchmarks, unit tests)."""
 
 
 class _Response:
@@ -329,7 +47,7 @@ class _Response:
 
     __slots__ = ("_conn", "_pool", "_timer", "content_length", "headers", "reason", "status")
 
-    def __init__(self, pool: H1Transport, conn: _Connection, timer: asyncio.TimerHandle) -> None:
+    def __init__(self, pool: H1Transport, conn: Connection, timer: asyncio.TimerHandle) -> None:
         self._pool = pool
         self._conn = conn
         self._timer: asyncio.TimerHandle | None = timer
@@ -353,9 +71,16 @@ class H1Transport:
     """Keep-alive connection pool to one upstream target (`max_connections` at once)."""
 
     def __init__(
-        self, base_url: str, *, connect_timeout: float, timeout: float, max_connections: int
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        timeout: float,
+        max_connections: int,
+        report: Report = _unreported,
     ) -> None:
         parts = urlsplit(base_url)
+        self._report = report
         self._base = base_url
         self._hostname = parts.hostname or ""
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -367,7 +92,7 @@ class H1Transport:
         self._max_connections = max_connections
         self._active = 0  # exchanges holding a connection slot
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -455,21 +180,21 @@ class H1Transport:
                 return
         self._active -= 1
 
-    def _idle_connection(self, now: float) -> _Connection | None:
+    def _idle_connection(self, now: float) -> Connection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_TIMEOUT:
+            if now - conn.idle_since < IDLE_TIMEOUT and _quiet(conn):
                 conn.reused = True
                 return conn
             conn._close()
         return None
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: Connection(loop, self._report),
                     self._hostname,
                     self._port,
                     ssl=self._ssl,
@@ -490,13 +215,17 @@ class H1Transport:
         headers: Headers,
         body: bytes | AsyncIterable[bytes] | None,
     ) -> tuple[bytes, int | None]:
-        """The request head, and the streamed body's declared length (None: chunked)."""
+        """The request head, and the streamed body's declared length (None: chunked). A `Host`
+        among `headers` (the client's, preserved) replaces the target's own."""
         lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n", self._host_line]
         length: int | None = None
         for name, value in headers:
             if len(name) in (14, 17) and name.lower() in ("content-length", "transfer-encoding"):
                 if name.lower() == "content-length":
                     length = int(value)
+                continue
+            if len(name) == 4 and name.lower() == "host":
+                lines[1] = f"Host: {value}\r\n"
                 continue
             lines.append(f"{name}: {value}\r\n")
         if isinstance(body, bytes):
@@ -517,7 +246,7 @@ class H1Transport:
             raise UpstreamNotSent("a request header contains CR or LF")
         return head.encode("utf-8", "surrogateescape"), length
 
-    def _done(self, conn: _Connection) -> None:
+    def _done(self, conn: Connection) -> None:
         reusable = conn.reusable
         conn.end()
         if reusable and not self._closed:
@@ -534,7 +263,33 @@ class H1Transport:
         self._idle.clear()
 
 
-def _abandon(conn: _Connection, timer: asyncio.TimerHandle) -> None:
+def _quiet(conn: Connection) -> bool:
+    """At reuse: True when nothing is waiting to be read. Bytes the upstream sent after its
+    response can sit in the socket before the loop hands them to data_received; reused, the
+    connection would read them as the next request's answer. A readable socket holds either such
+    bytes (a violation) or the upstream's close (stale): either way the connection is not used."""
+    if conn.closed:
+        return False  # and its descriptor may already belong to another socket
+    poller = conn.poller
+    if poller is None:
+        return True  # TLS: records are not application bytes; data_received rules
+    if not poller.poll(0):
+        return True
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=conn.fd)
+    try:
+        waiting = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        waiting = b""
+    finally:
+        sock.detach()
+    if waiting:
+        conn.violate(Violation.IDLE_BYTES)
+    else:
+        conn._close()
+    return False
+
+
+def _abandon(conn: Connection, timer: asyncio.TimerHandle) -> None:
     timer.cancel()
     conn.end()
     conn._close()

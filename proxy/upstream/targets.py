@@ -16,21 +16,17 @@ from yarl import URL
 
 from proxy.config import Upstream as UpstreamConfig
 from proxy.http.headers import Headers
+from proxy.observability.events import emit
 from proxy.observability.metrics import Metrics, TargetMetrics, process_metrics
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
 from proxy.upstream.h1 import H1Transport
+from proxy.upstream.h1_connection import Report, Violation
 from proxy.upstream.transport import (
-    AiohttpTransport,
     Transport,
     UpstreamError,
     UpstreamNotSent,
     UpstreamResponse,
 )
-
-TRANSPORTS: dict[str, type[AiohttpTransport] | type[H1Transport]] = {
-    "h1": H1Transport,
-    "aiohttp": AiohttpTransport,
-}
 
 
 class CircuitOpen(UpstreamNotSent):
@@ -111,19 +107,21 @@ def served_by(response: UpstreamResponse) -> str | None:
 class Target:
     __slots__ = ("breaker", "current", "healthy", "label", "stats", "transport", "url", "weight")
 
-    def __init__(self, url: str, weight: int, config: UpstreamConfig, stats: TargetMetrics
-                 ) -> None:
+    def __init__(
+        self, url: str, weight: int, config: UpstreamConfig, stats: TargetMetrics, report: Report
+    ) -> None:
         self.url = url
         self.label = target_label(url)
         self.stats = stats
         self.weight = weight
         self.healthy = True
         self.current = 0  # smooth weighted round robin state
-        self.transport: Transport = TRANSPORTS[config.transport](
+        self.transport: Transport = H1Transport(
             url,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
             max_connections=config.max_connections,
+            report=report,
         )
         breaker = config.circuit_breaker
         self.breaker = CircuitBreaker(breaker) if breaker is not None else None
@@ -146,8 +144,9 @@ class Upstream:
             else [(url, 1) for url in config.target_urls]
         )
         metrics = metrics or process_metrics()
+        report = _reporter(name, metrics)
         self.targets = [
-            Target(url, weight, config, metrics.target(name, target_label(url)))
+            Target(url, weight, config, metrics.target(name, target_label(url)), report)
             for url, weight in weighted
         ]
         breaker = config.circuit_breaker
@@ -257,3 +256,15 @@ class Upstream:
     async def close(self) -> None:
         for target in self.targets:
             await target.transport.close()
+
+
+def _reporter(upstream: str, metrics: Metrics) -> Report:
+    """Count and log each discarded connection. The target URL is left out of the event: it
+    may carry credentials, and the upstream name is enough to find the culprit."""
+    counters = metrics.upstream_violations(upstream, Violation)
+
+    def report(violation: Violation) -> None:
+        counters[violation].value += 1
+        emit("upstream_protocol_violation", "warning", upstream=upstream, reason=violation)
+
+    return report

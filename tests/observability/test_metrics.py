@@ -36,6 +36,7 @@ EXPECTED_TYPES = {
     "idemproxy_build_info": "gauge",
     "idemproxy_spans_exported": "counter",
     "idemproxy_spans_dropped": "counter",
+    "idemproxy_upstream_protocol_violations": "counter",
 }
 
 

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.upstream.h1 import HIGH_WATER, MAX_RESPONSE_HEAD, H1Transport
+from proxy.upstream.h1 import H1Transport
+from proxy.upstream.h1_connection import HIGH_WATER, MAX_RESPONSE_HEAD
 from proxy.upstream.transport import (
     UpstreamBroken,
     UpstreamNotSent,

@@ -114,17 +114,13 @@ def runtime_upstream(urls: list[str], **options: str) -> Upstream:
     return Upstream("app", config)
 
 
-@pytest.mark.parametrize("transport", ["h1", "aiohttp"])
-async def test_attempts_share_the_first_attempts_deadline(
-    upstream: RecordingUpstream, transport: str
-) -> None:
+async def test_attempts_share_the_first_attempts_deadline(upstream: RecordingUpstream) -> None:
     """A resend after a slow not-sent failure must not run past the upstream timeout: the
     idempotency lease is derived from it, and a retry of the key after the lease would run."""
     release = asyncio.Event()
     upstream.respond = hang_until(release)
     with unanswered_url() as unanswered:
-        target = runtime_upstream([unanswered, upstream.url], timeout="1.5s",
-                                  transport=transport)
+        target = runtime_upstream([unanswered, upstream.url], timeout="1.5s")
         loop = asyncio.get_running_loop()
         started = loop.time()
         ctx = context("POST", "miss")
