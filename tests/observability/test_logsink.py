@@ -126,13 +126,15 @@ async def test_proxy_keeps_serving_when_stdout_is_blocked(
     fifo = workdir / "proxy.stdout"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open, never read until the end
-    fcntl.fcntl(reader, F_SETPIPE_SZ, SMALL_PIPE)
+    # Two pages: the start-up events plus one whole batch (<= PIPE_BUF, written atomically) of
+    # access lines always fit, so some lines arrive before the pipe blocks for good.
+    fcntl.fcntl(reader, F_SETPIPE_SZ, 2 * SMALL_PIPE)
     config = base_config(upstream.url, logging={"buffer_size": "16KiB"})
     process = ProxyProcess(workdir, config).start()
     try:
         timeout = ClientTimeout(total=5)  # a stalled proxy fails here instead of hanging
         async with ClientSession(timeout=timeout) as session:
-            for i in range(150):  # ~90 KB of log lines against 4 KiB pipe + 16 KiB buffer
+            for i in range(150):  # ~100 KB of log lines against 8 KiB pipe + 16 KiB buffer
                 async with session.get(f"{process.url}/item/{i}") as response:
                     assert response.status == 200
                     await response.read()
