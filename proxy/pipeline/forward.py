@@ -60,11 +60,11 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             payload = body.stream(ctx, limits.max_request_body, limits.body_timeout)
             if request.content_length is not None:
                 headers.append(("Content-Length", str(request.content_length)))
+        query = request.rel_url.raw_query_string
+        target = f"{ctx.path}?{query}" if query else ctx.path
         started = time.perf_counter()
         try:
-            response = await send(
-                ctx, request.method, request.rel_url.raw_path_qs, headers, payload
-            )
+            response = await send(ctx, request.method, target, headers, payload)
         except UpstreamError as exc:
             ctx.upstream_duration = time.perf_counter() - started
             return _failed(ctx, exc)

@@ -15,6 +15,7 @@ from aiohttp import web
 from proxy.config import Config, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.headers import client_address
+from proxy.http.path import BadPath, normalise
 from proxy.http.problem import problem
 from proxy.http.request_checks import check_request
 from proxy.idempotency import stage as idempotency
@@ -23,7 +24,7 @@ from proxy.observability import logsink, tracing
 from proxy.observability.access_log import AccessLog
 from proxy.observability.metrics import Metrics, process_metrics
 from proxy.pipeline import admission, forward
-from proxy.pipeline.routing import RouteTable
+from proxy.pipeline.routing import RouteTable, Spec
 from proxy.quota import stage as quota
 from proxy.quota.limiter import Limiter, MemoryLimiter, RedisLimiter
 from proxy.stores import Store, open_store
@@ -68,7 +69,12 @@ class Runtime:
         if previous is not None:
             self._inherit(previous)
         self.routes: RouteTable[CompiledRoute] = RouteTable(
-            (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
+            Spec(
+                r.match.path_prefix,
+                r.match.methods,
+                CompiledRoute(r, self._route_handler(r)),
+                r.match.ignore_case,
+            )
             for r in config.routes
         )
         self.entry: Handler = tracing.stage(self.access_log.stage(self._dispatch))
@@ -153,6 +159,13 @@ class Runtime:
             )
             response.force_close()
             return response
+        try:
+            path = normalise(path)
+        except BadPath as exc:
+            ctx.error_type = "bad_request"
+            return problem(400, "bad-path", "Bad request path", str(exc), ctx.trace_id)
+        # Routing, the fingerprint and the upstream all see this one spelling.
+        ctx.path = path
         route = self.routes.match(path, request.method)
         if route is None:
             ctx.error_type = "no_route"

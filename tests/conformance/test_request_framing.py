@@ -203,8 +203,9 @@ CASES = [
          200, False, routed("/x?y=1", "good.example")),
     Case("absolute-form-https", b"GET https://evil.example/x HTTP/1.1\r\nHost: good\r\n\r\n",
          200, False, routed("/x", "good")),
+    # a path, never an authority; slashes merged (the normal form, docs/security/paths.md)
     Case("double-slash", b"GET //evil.example/x HTTP/1.1\r\nHost: a\r\n\r\n", 200, False,
-         routed("//evil.example/x", "a")),
+         routed("/evil.example/x", "a")),
     Case("authority-form-get", b"GET evil.example:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     Case("asterisk-get", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     Case("asterisk-options", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
