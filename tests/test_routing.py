@@ -5,28 +5,13 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.routes_curve import linear_match
 from proxy.pipeline.routing import RouteTable, Spec
 
 EQUIVALENCE = settings(
     max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 METHODS = ["GET", "POST", "PUT", "DELETE"]
-
-
-def linear_match(specs: list[Spec[int]], path: str, method: str) -> int | None:
-    """The reference model: the scan in config order the table used before (segment-aware
-    prefix, methods filter), with case folding for ignore_case routes."""
-    for spec in specs:
-        if spec.methods is not None and method not in spec.methods:
-            continue
-        prefix, candidate = spec.prefix, path
-        if spec.ignore_case:
-            prefix, candidate = prefix.lower(), candidate.lower()
-        if not candidate.startswith(prefix):
-            continue
-        if len(candidate) == len(prefix) or prefix.endswith("/") or candidate[len(prefix)] == "/":
-            return spec.value
-    return None
 
 
 _SEGMENTS = st.sampled_from(["a", "b", "ab", "A", "v1", "pay", "payments", "x-y", "~", ".z"])
