@@ -136,6 +136,14 @@ def test_path_prefixes_in_normal_form_load(prefix: str) -> None:
     assert (route.match.path_prefix, route.match.ignore_case) == (prefix, False)
 
 
+def test_forwarding_strip_headers_are_header_names() -> None:
+    assert parse(config(), {}).forwarding.strip_headers == []
+    loaded = parse(config(forwarding={"strip_headers": ["X-Tenant"]}), {})
+    assert loaded.forwarding.strip_headers == ["X-Tenant"]
+    [problem] = problems(config(forwarding={"strip_headers": ["X Tenant"]}))
+    assert problem.startswith("forwarding.strip_headers[0]: not a header name")
+
+
 def test_drain_delay_must_fit_in_the_shutdown_timeout() -> None:
     assert problems(config(shutdown={"drain_delay": "30s", "timeout": "25s"})) == [
         "shutdown.drain_delay: must be shorter than shutdown.timeout"

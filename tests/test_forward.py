@@ -115,6 +115,20 @@ async def test_trusted_proxy_forwarding_headers_are_extended(make_proxy, upstrea
     assert seen.header("X-Forwarded-Proto") == "https"
 
 
+async def test_configured_forwarding_headers_are_stripped_from_untrusted_clients(
+    make_proxy, upstream: RecordingUpstream
+) -> None:
+    config = base_config(upstream.url, forwarding={"strip_headers": ["X-Tenant-Verified"]})
+    client = await make_proxy(config)
+    await client.get("/", headers={"X-Tenant-Verified": "yes", "X-Original-URL": "/admin",
+                                   "True-Client-IP": "6.6.6.6", "X-Kept": "1"})
+    seen = upstream.received[0]
+    assert [seen.header(n) for n in ("X-Tenant-Verified", "X-Original-URL", "True-Client-IP")] == [
+        None, None, None
+    ]
+    assert seen.header("X-Kept") == "1"
+
+
 async def test_redirects_are_relayed_not_followed(proxy, upstream: RecordingUpstream) -> None:
     async def redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/elsewhere")

@@ -369,6 +369,13 @@ class Route(Model):
     retries: Retries | None = None
 
 
+class Forwarding(Model):
+    """Forwarding headers from peers outside `trusted_proxies` are removed: a documented
+    default list (docs/security/paths.md) plus these names."""
+
+    strip_headers: list[HeaderName] = Field(default_factory=list)
+
+
 class Limits(Model):
     max_request_body: Size = 10 * 1024 * 1024
     max_header_bytes: Size = 16 * 1024
@@ -441,6 +448,7 @@ class Config(Model):
     upstreams: dict[str, Upstream] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
     trusted_proxies: list[Network] = Field(default_factory=list)
+    forwarding: Forwarding = Forwarding()
     limits: Limits = Limits()
     logging: Logging = Logging()
     shutdown: Shutdown = Shutdown()

@@ -17,6 +17,7 @@ from proxy.http.context import Exchange, Handler, Payload, RequestContext
 from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
+    UNTRUSTED_FORWARDING,
     Networks,
     downstream_response_headers,
     response_head_problem,
@@ -39,8 +40,15 @@ class _Relayed(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchange) -> Handler:
-    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry)."""
+def handler(
+    upstream: Upstream,
+    limits: Limits,
+    trusted: Networks,
+    send: Exchange,
+    untrusted: frozenset[str] = UNTRUSTED_FORWARDING,
+) -> Handler:
+    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry);
+    `untrusted` names the headers removed unless the peer is a trusted proxy."""
 
     async def forward(ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -51,6 +59,7 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             host=request.headers.get("Host"),
             trusted=trusted,
             drop=_NOT_FORWARDED,
+            untrusted=untrusted,
         )
         headers.extend(ctx.upstream_headers)
         payload: Payload = None

@@ -14,10 +14,10 @@ from aiohttp import web
 
 from proxy.config import Config, Route
 from proxy.http.context import Handler, RequestContext
-from proxy.http.headers import client_address
+from proxy.http.headers import client_address, untrusted_forwarding
 from proxy.http.path import BadPath, normalise
 from proxy.http.problem import problem
-from proxy.http.request_checks import check_request
+from proxy.http.request_checks import check_host, check_request
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
 from proxy.observability import logsink, tracing
@@ -65,6 +65,7 @@ class Runtime:
         self.store = open_store(config.store) if store is None else store
         self.hasher = KeyHasher(config.logging.hash_salt)
         self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        self.untrusted_headers = untrusted_forwarding(config.forwarding.strip_headers)
         self.limiter: Limiter | None = None
         if previous is not None:
             self._inherit(previous)
@@ -87,6 +88,7 @@ class Runtime:
             config.limits,
             config.trusted_proxies,
             retry.exchange(upstream, route.retries),
+            self.untrusted_headers,
         )
         if route.idempotency.enabled:
             handler = idempotency.stage(
@@ -139,7 +141,7 @@ class Runtime:
             request.raw_headers,
             request.headers.getall("Transfer-Encoding", ()),
             limits.max_header_bytes,
-        )
+        ) or check_host(request.headers.get("Host"))
         if rejection is not None:
             ctx.error_type = rejection.error_type
             response = problem(
@@ -163,7 +165,9 @@ class Runtime:
             path = normalise(path)
         except BadPath as exc:
             ctx.error_type = "bad_request"
-            return problem(400, "bad-path", "Bad request path", str(exc), ctx.trace_id)
+            response = problem(400, "bad-path", "Bad request path", str(exc), ctx.trace_id)
+            response.force_close()  # like every refusal before routing: the body is unread
+            return response
         # Routing, the fingerprint and the upstream all see this one spelling.
         ctx.path = path
         route = self.routes.match(path, request.method)
