@@ -21,7 +21,6 @@ import string
 
 # RFC 3986 §2.3.
 UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
-_HEX = frozenset(string.hexdigits)
 # Encoded bytes that change the path's structure for some server once decoded.
 _REFUSED_ENCODED = {
     0x2F: "an encoded '/' (%2F)",
@@ -29,21 +28,28 @@ _REFUSED_ENCODED = {
     0x25: "an encoded '%' (%25), which a second decode would reinterpret",
     0x3B: "an encoded ';' (%3B)",
 }
-# Precomputed per byte: the character to emit for an encoded octet, or why it is refused.
-_DECODED: dict[str, str] = {}
-_REFUSED: dict[str, str] = {}
-for _a in string.hexdigits:
-    for _b in string.hexdigits:
-        _octet = int(_a + _b, 16)
-        _char = chr(_octet)
-        if _char in UNRESERVED:
-            _DECODED[_a + _b] = _char
-        elif _octet in _REFUSED_ENCODED:
-            _REFUSED[_a + _b] = _REFUSED_ENCODED[_octet]
-        elif _octet < 0x20 or _octet == 0x7F:
-            _REFUSED[_a + _b] = f"an encoded control character (%{_octet:02X})"
-        else:
-            _DECODED[_a + _b] = f"%{_octet:02X}"
+
+
+def _escape_tables() -> tuple[dict[str, str], dict[str, str]]:
+    """Per two-digit hex code in either case: what to emit for it, or why it is refused."""
+    emit: dict[str, str] = {}
+    refuse: dict[str, str] = {}
+    for high in string.hexdigits:
+        for low in string.hexdigits:
+            code = high + low
+            octet = int(code, 16)
+            if chr(octet) in UNRESERVED:
+                emit[code] = chr(octet)
+            elif octet in _REFUSED_ENCODED:
+                refuse[code] = _REFUSED_ENCODED[octet]
+            elif octet < 0x20 or octet == 0x7F:
+                refuse[code] = f"an encoded control character (%{octet:02X})"
+            else:
+                emit[code] = f"%{octet:02X}"
+    return emit, refuse
+
+
+_DECODED, _REFUSED = _escape_tables()
 
 
 class BadPath(ValueError):
