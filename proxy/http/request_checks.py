@@ -16,9 +16,11 @@ from typing import NamedTuple
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal
 # ("[" IPv6 "]"; IPvFuture is not served) or a reg-name, which also spells every IPv4 address.
+# Possessive quantifiers (`++`, `*+`): runs of name characters match at C speed and never
+# backtrack, so a long invalid Host costs linear time.
 _HOST = re.compile(
-    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
-    r"(?::[0-9]*)?"
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]++|%[0-9A-Fa-f]{2})*+)"
+    r"(?::[0-9]*+)?"
 )
 
 
