@@ -323,15 +323,34 @@ class Upstream(Model):
         return [self.url] if self.url is not None else [t.url for t in self.targets or ()]
 
 
+# RFC 3986 unreserved characters and '/': a prefix spelled only with these has one spelling that
+# every server agrees on, so no encoding of a request path can reach it by another name.
+_PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
 class Match(Model):
     path_prefix: str = "/"
     methods: list[Method] | None = None
+    # Compare the path case-insensitively: for an upstream that serves /V1/Payments as
+    # /v1/payments, so that spelling cannot walk past this route's protections.
+    ignore_case: bool = False
 
     @field_validator("path_prefix")
     @classmethod
     def _absolute(cls, prefix: str) -> str:
         if not prefix.startswith("/"):
             raise ValueError(f"path_prefix must start with '/', got {prefix!r}")
+        if not set(prefix) <= _PREFIX_CHARS:
+            raise ValueError(
+                f"path_prefix may contain only A-Z a-z 0-9 - . _ ~ and '/', got {prefix!r} "
+                "(request paths are matched decoded; see docs/security/paths.md)"
+            )
+        segments = prefix.split("/")[1:-1]
+        if "" in segments or "." in segments or ".." in segments or prefix.endswith(("/.", "/..")):
+            raise ValueError(
+                f"path_prefix must be in normal form (no '//', '.' or '..' segments), "
+                f"got {prefix!r}"
+            )
         return prefix
 
 
@@ -410,6 +429,13 @@ class Route(Model):
     idempotency: Idempotency = Idempotency()
     quota: Quota | None = None
     retries: Retries | None = None
+
+
+class Forwarding(Model):
+    """Forwarding headers from peers outside `trusted_proxies` are removed: a documented
+    default list (docs/security/paths.md) plus these names."""
+
+    strip_headers: list[HeaderName] = Field(default_factory=list)
 
 
 class Limits(Model):
@@ -532,6 +558,7 @@ class Config(Model):
     upstreams: dict[str, Upstream] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
     trusted_proxies: list[Network] = Field(default_factory=list)
+    forwarding: Forwarding = Forwarding()
     limits: Limits = Limits()
     logging: Logging = Logging()
     tracing: Tracing = Tracing()

@@ -39,6 +39,8 @@ class RequestContext:
     tracestate: str | None = None
     # Names of incoming trace headers that were invalid and replaced (for the access log).
     trace_replaced: list[str] | None = None
+    # The normalised request path (proxy.http.path): what routing matched and the upstream gets.
+    path: str = ""
     route: Route | None = None
     # Set by idempotency when the request body was read up front to fingerprint it.
     body: bytes | None = None

@@ -25,9 +25,44 @@ HOP_BY_HOP = frozenset(
 )
 # The proxy frames bodies itself; an upstream or client length is never copied blindly.
 FRAMING = frozenset({"content-length", "transfer-encoding"})
-# Forwarding headers a client may only set when it is a trusted proxy.
+# Forwarding headers the proxy sets itself: replaced for untrusted peers, extended for trusted.
 FORWARDING = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
+)
+# Headers that upstream frameworks and CDNs read as the client's address, scheme, port, host or
+# original URL (Spring, Rack, Symfony, IIS URL Rewrite, Express "trust proxy", werkzeug ProxyFix,
+# Akamai, Cloudflare, Fastly): only a trusted proxy may set them, from anyone else they are
+# removed. `forwarding.strip_headers` adds names (docs/security/paths.md has the list and why).
+UNTRUSTED_FORWARDING = FORWARDING | frozenset(
+    {
+        # scheme, port, path prefix, server
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "x-forwarded-protocol",
+        "x-forwarded-uri",
+        "x-forwarded-path",
+        "x-url-scheme",
+        "front-end-https",
+        # client address
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-envoy-external-address",
+        # original URL and host (URL rewriting front ends)
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-original-host",
+        "x-host",
+    }
 )
 REPLAY_ALLOWED = frozenset(
     {
@@ -89,15 +124,30 @@ def is_trusted(peer: str, trusted: Networks) -> bool:
     return any(address in network for network in trusted)
 
 
+def untrusted_forwarding(extra: Iterable[str]) -> frozenset[str]:
+    """The names removed from requests whose peer is not a trusted proxy (lower-case)."""
+    return UNTRUSTED_FORWARDING | {name.lower() for name in extra}
+
+
 def client_address(peer: str, forwarded_for: Sequence[str], trusted: Networks) -> str:
-    """The client's address: the peer, or, behind trusted proxies, the rightmost untrusted hop."""
+    """The client's address: the peer, or, behind trusted proxies, the rightmost untrusted hop.
+
+    Every hop must be an IP address: the walk from the right stops at the first that is not
+    (a port, a name, `unknown`, garbage) and the nearest address known good is the client.
+    """
     if not is_trusted(peer, trusted):
         return peer
-    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not is_trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
+    client = peer
+    for value in reversed(forwarded_for):
+        for hop in reversed(value.split(",")):
+            try:
+                address = ip_address(hop.strip())
+            except ValueError:
+                return client
+            client = str(address)
+            if not any(address in network for network in trusted):
+                return client
+    return client
 
 
 def upstream_request_headers(
@@ -107,14 +157,16 @@ def upstream_request_headers(
     host: str | None,
     trusted: Networks,
     drop: frozenset[str] = frozenset(),
+    untrusted: frozenset[str] = UNTRUSTED_FORWARDING,
 ) -> Headers:
     """Headers to send upstream: hygiene, then X-Forwarded-For/-Proto/-Host and Via.
 
     Client-supplied forwarding headers are kept (and extended) only when the peer is a trusted
-    proxy; otherwise they are replaced. `Host` is dropped: the client sets it from the upstream URL.
+    proxy; otherwise those in `untrusted` are removed and the proxy's own set. `Host` is
+    dropped: the client sets it from the upstream URL.
     """
     from_trusted = is_trusted(peer, trusted)
-    removed = FRAMING | drop | {"host", "via"} | (frozenset() if from_trusted else FORWARDING)
+    removed = FRAMING | drop | {"host", "via"} | (frozenset() if from_trusted else untrusted)
     out = strip_hop_by_hop(headers, removed)
     if from_trusted:
         prior = [v for k, v in out if k.lower() == "x-forwarded-for"]

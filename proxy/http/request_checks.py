@@ -8,10 +8,20 @@ names that some upstreams read as their dash-spelled twins.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+from ipaddress import IPv6Address
 from typing import NamedTuple
 
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal
+# ("[" IPv6 "]"; IPvFuture is not served) or a reg-name, which also spells every IPv4 address.
+# Possessive quantifiers (`++`, `*+`): runs of name characters match at C speed and never
+# backtrack, so a long invalid Host costs linear time.
+_HOST = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]++|%[0-9A-Fa-f]{2})*+)"
+    r"(?::[0-9]*+)?"
+)
 
 
 class Rejection(NamedTuple):
@@ -67,6 +77,28 @@ def check_request(
             f"Transfer-Encoding {', '.join(transfer_encodings)!r}; only 'chunked' is accepted",
         )
     return None
+
+
+def check_host(host: str | None) -> Rejection | None:
+    """Why the client's `Host` is refused, or None. It goes upstream as X-Forwarded-Host, where
+    frameworks build absolute URLs from it: only a syntactically valid host and port pass."""
+    if host is None:  # HTTP/1.0 may omit it (aiohttp refuses HTTP/1.1 without one)
+        return None
+    match = _HOST.fullmatch(host)
+    if match is not None and (match["ipv6"] is None or _is_ipv6(match["ipv6"])):
+        return None
+    return _bad(
+        "bad-host", "Bad Host header",
+        "the Host header is not a host name or an IP address with an optional port",
+    )
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _codings(values: Sequence[str]) -> list[str]:

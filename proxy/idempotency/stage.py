@@ -225,7 +225,7 @@ def stage(
         ctx.idempotency_key_hash = hasher.log_hash(record_key)
         fp = fingerprint(
             request.method,
-            request.rel_url.raw_path,
+            ctx.path,
             request.rel_url.raw_query_string,
             request.headers.get("Content-Type"),
             payload,

@@ -19,6 +19,7 @@ from proxy.http.context import CLIENT_LOST, Exchange, Handler, Payload, RequestC
 from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
+    UNTRUSTED_FORWARDING,
     Networks,
     downstream_response_headers,
     response_head_problem,
@@ -58,8 +59,15 @@ class _Relayed(web.StreamResponse):
         await super()._write_headers()
 
 
-def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchange) -> Handler:
-    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry)."""
+def handler(
+    upstream: Upstream,
+    limits: Limits,
+    trusted: Networks,
+    send: Exchange,
+    untrusted: frozenset[str] = UNTRUSTED_FORWARDING,
+) -> Handler:
+    """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry);
+    `untrusted` names the headers removed unless the peer is a trusted proxy."""
 
     async def forward(ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -70,6 +78,7 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             host=request.headers.get("Host"),
             trusted=trusted,
             drop=_NOT_FORWARDED,
+            untrusted=untrusted,
         )
         headers.extend(ctx.upstream_headers)
         if upstream.config.host is UpstreamHost.PRESERVE:
@@ -83,14 +92,14 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             payload = body.stream(ctx, limits.max_request_body, limits.body_timeout)
             if request.content_length is not None:
                 headers.append(("Content-Length", str(request.content_length)))
+        query = request.rel_url.raw_query_string
+        target = f"{ctx.path}?{query}" if query else ctx.path
         started = time.perf_counter()
         abortable = ctx.idempotency_outcome != _CLAIMED
         if abortable:
             request[CLIENT_LOST] = _aborter(ctx)
         try:
-            response = await send(
-                ctx, request.method, request.rel_url.raw_path_qs, headers, payload
-            )
+            response = await send(ctx, request.method, target, headers, payload)
             ctx.upstream_duration = time.perf_counter() - started
             ctx.upstream_target = served_by(response)
             ctx.upstream_outcome = "answered"

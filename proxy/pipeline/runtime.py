@@ -15,9 +15,10 @@ from aiohttp.typedefs import Middleware
 
 from proxy.config import Config, Route
 from proxy.http.context import Handler, RequestContext
-from proxy.http.headers import client_address
+from proxy.http.headers import client_address, untrusted_forwarding
+from proxy.http.path import BadPath, normalise
 from proxy.http.problem import problem
-from proxy.http.request_checks import check_request
+from proxy.http.request_checks import check_host, check_request
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
 from proxy.observability import logsink, tracing
@@ -25,7 +26,7 @@ from proxy.observability.access_log import AccessLog
 from proxy.observability.metrics import Metrics, process_metrics
 from proxy.observability.spans import SpanSink
 from proxy.pipeline import admission, forward
-from proxy.pipeline.routing import RouteTable
+from proxy.pipeline.routing import RouteTable, Spec
 from proxy.quota import stage as quota
 from proxy.quota.limiter import Limiter, MemoryLimiter, RedisLimiter
 from proxy.stores import Store, open_store
@@ -70,6 +71,7 @@ class Runtime:
         self.upstreams = {
             name: Upstream(name, cfg, self.metrics) for name, cfg in config.upstreams.items()
         }
+        self.untrusted_headers = untrusted_forwarding(config.forwarding.strip_headers)
         self.limiter: Limiter | None = None
         self.spans: SpanSink | None = None
         if previous is not None:
@@ -82,7 +84,12 @@ class Runtime:
             )
         self.access_log.spans = self.spans
         self.routes: RouteTable[CompiledRoute] = RouteTable(
-            (r.match.path_prefix, r.match.methods, CompiledRoute(r, self._route_handler(r)))
+            Spec(
+                r.match.path_prefix,
+                r.match.methods,
+                CompiledRoute(r, self._route_handler(r)),
+                r.match.ignore_case,
+            )
             for r in config.routes
         )
         self.entry: Handler = tracing.stage(
@@ -98,6 +105,7 @@ class Runtime:
             config.limits,
             config.trusted_proxies,
             retry.exchange(upstream, route.retries),
+            self.untrusted_headers,
         )
         if route.idempotency.enabled:
             handler = idempotency.stage(
@@ -152,7 +160,7 @@ class Runtime:
             request.raw_headers,
             request.headers.getall("Transfer-Encoding", ()),
             limits.max_header_bytes,
-        )
+        ) or check_host(request.headers.get("Host"))
         if rejection is not None:
             ctx.error_type = rejection.error_type
             response = problem(
@@ -172,6 +180,15 @@ class Runtime:
             )
             response.force_close()
             return response
+        try:
+            path = normalise(path)
+        except BadPath as exc:
+            ctx.error_type = "bad_request"
+            response = problem(400, "bad-path", "Bad request path", str(exc), ctx.trace_id)
+            response.force_close()  # like every refusal before routing: the body is unread
+            return response
+        # Routing, the fingerprint and the upstream all see this one spelling.
+        ctx.path = path
         route = self.routes.match(path, request.method)
         if route is None:
             ctx.error_type = "no_route"

@@ -111,6 +111,39 @@ def test_path_prefix_must_be_absolute() -> None:
     assert problem.startswith("routes[0].match.path_prefix: path_prefix must start with '/'")
 
 
+@pytest.mark.parametrize(
+    ("prefix", "why"),
+    [
+        ("/v1/%70ayments", "may contain only"),  # one spelling only: no encodings
+        ("/v1/pay;x", "may contain only"),
+        ("/v1/pay ments", "may contain only"),
+        ("/v1//payments", "normal form"),
+        ("/v1/./payments", "normal form"),
+        ("/x/../v1", "normal form"),
+        ("/v1/..", "normal form"),
+        ("//", "normal form"),
+    ],
+)
+def test_path_prefix_has_a_single_spelling(prefix: str, why: str) -> None:
+    [problem] = problems(config(routes=[ROUTE | {"match": {"path_prefix": prefix}}]))
+    assert problem.startswith("routes[0].match.path_prefix: path_prefix ")
+    assert why in problem
+
+
+@pytest.mark.parametrize("prefix", ["/", "/v1", "/v1/", "/.well-known/x", "/a-b_c~d.e"])
+def test_path_prefixes_in_normal_form_load(prefix: str) -> None:
+    route = parse(config(routes=[ROUTE | {"match": {"path_prefix": prefix}}]), {}).routes[0]
+    assert (route.match.path_prefix, route.match.ignore_case) == (prefix, False)
+
+
+def test_forwarding_strip_headers_are_header_names() -> None:
+    assert parse(config(), {}).forwarding.strip_headers == []
+    loaded = parse(config(forwarding={"strip_headers": ["X-Tenant"]}), {})
+    assert loaded.forwarding.strip_headers == ["X-Tenant"]
+    [problem] = problems(config(forwarding={"strip_headers": ["X Tenant"]}))
+    assert problem.startswith("forwarding.strip_headers[0]: not a header name")
+
+
 def test_drain_delay_must_fit_in_the_shutdown_timeout() -> None:
     assert problems(config(shutdown={"drain_delay": "30s", "timeout": "25s"})) == [
         "shutdown.drain_delay: must be shorter than shutdown.timeout"

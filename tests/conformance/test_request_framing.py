@@ -95,6 +95,22 @@ def forwarding_replaced(request: RawRequest) -> None:
     assert request.all("Via") == ["1.1 idemproxy"]
 
 
+# Read by upstream frameworks as the client's address, scheme, port or original URL.
+SPOOFABLE = (
+    "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Server",
+    "X-Forwarded-Ssl", "True-Client-IP", "X-Client-IP", "CF-Connecting-IP", "X-Original-URL",
+    "X-Rewrite-URL", "Fastly-Client-IP", "X-Cluster-Client-IP", "X-Forwarded-Uri",
+    "Front-End-Https",
+)
+
+
+def spoofable_removed(request: RawRequest) -> None:
+    forwarding_replaced(request)
+    for name in SPOOFABLE:
+        assert request.header(name) is None, name
+    assert request.header("X-Kept") == "yes"
+
+
 def trace_replaced(request: RawRequest) -> None:
     traceparent = request.header("traceparent") or ""
     assert traceparent.startswith("00-")
@@ -182,6 +198,14 @@ CASES = [
     Case("no-host", b"GET /a HTTP/1.1\r\n\r\n", 400),
     Case("two-hosts", b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     Case("two-hosts-case", b"GET /a HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
+    # Host goes upstream as X-Forwarded-Host: only uri-host [":" port] (RFC 9110 §7.2)
+    Case("host-with-path", b"GET /a HTTP/1.1\r\nHost: evil.example/x\r\n\r\n", 400),
+    Case("host-with-userinfo", b"GET /a HTTP/1.1\r\nHost: user@evil.example\r\n\r\n", 400),
+    Case("host-with-space", b"GET /a HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    Case("host-bad-port", b"GET /a HTTP/1.1\r\nHost: a:b\r\n\r\n", 400),
+    Case("host-bad-ip-literal", b"GET /a HTTP/1.1\r\nHost: [::g]\r\n\r\n", 400),
+    Case("host-ip-literal-port", b"GET /a HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", 200, False,
+         routed("/a", "[::1]:80")),
     # 12. HTTP/1.0 without Host is served; the upstream Host comes from the upstream URL
     Case("http10-no-host", b"GET /a HTTP/1.0\r\n\r\n", 200, True, routed("/a", None)),
     # versions: llhttp takes HTTP/0.9 and 2.0 request lines, the Python parser 1.2
@@ -205,8 +229,16 @@ CASES = [
          200, False, routed("/x?y=1", "good.example")),
     Case("absolute-form-https", b"GET https://evil.example/x HTTP/1.1\r\nHost: good\r\n\r\n",
          200, False, routed("/x", "good")),
+    # a path, never an authority; slashes merged (the normal form, docs/security/paths.md)
     Case("double-slash", b"GET //evil.example/x HTTP/1.1\r\nHost: a\r\n\r\n", 200, False,
-         routed("//evil.example/x", "a")),
+         routed("/evil.example/x", "a")),
+    # 59. one spelling per path (docs/security/paths.md): refused where servers disagree
+    Case("path-semicolon", b"GET /a;jsessionid=1 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    Case("path-encoded-slash", b"GET /a%2Fb HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    Case("path-backslash", b"GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    Case("path-encoded-nul", b"GET /a%00 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    Case("path-dots", b"GET /x/%2e%2E/a?q=/../ HTTP/1.1\r\nHost: a\r\n\r\n", 200, False,
+         routed("/a?q=/../", "a")),
     Case("authority-form-get", b"GET evil.example:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     Case("asterisk-get", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     Case("asterisk-options", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
@@ -229,6 +261,11 @@ CASES = [
          b"X-Forwarded-Host: evil\r\nForwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\n"
          b"Via: 1.1 evil\r\n\r\n",
          200, False, forwarding_replaced),
+    Case("forwarding-spoof-more",
+         b"GET /a HTTP/1.1\r\nHost: a\r\n"
+         + b"".join(b"%s: 6.6.6.6\r\n" % name.encode() for name in SPOOFABLE)
+         + b"X-Kept: yes\r\n\r\n",
+         200, False, spoofable_removed),
     # 32. underscores in header names: rejected (Envoy's edge default)
     Case("underscore-name", b"GET /a HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 10.9.9.9\r\n\r\n",
          400),

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 
 from proxy.config import ConfigError, loads
-from proxy.http import headers
+from proxy.http import headers, path
 from proxy.http.request_checks import check_request
 from proxy.idempotency import keys
 from proxy.observability import tracing
@@ -72,9 +72,15 @@ def check_header_filters(peer: str, items: list[tuple[str, str]]) -> None:
     if problem is None:
         assert all("\r" not in v and "\n" not in v and "\x00" not in v for _, v in items)
 
+    if not headers.is_trusted(peer, TRUSTED):
+        own = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+        assert not set(names) & (headers.UNTRUSTED_FORWARDING - own)
+
     forwarded = [v for k, v in items if k.lower() == "x-forwarded-for"]
     address = headers.client_address(peer, forwarded, TRUSTED)
-    assert address == peer or any(address in v for v in forwarded)
+    if address != peer:  # an IP address, in its one spelling, that some hop carried
+        assert address == str(ip_address(address))
+        assert any(_same_address(address, hop) for v in forwarded for hop in v.split(","))
 
     raw = [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in items]
     encodings = [v for k, v in items if k.lower() == "transfer-encoding"]
@@ -83,11 +89,33 @@ def check_header_filters(peer: str, items: list[tuple[str, str]]) -> None:
         assert [t.strip().lower() for v in encodings for t in v.split(",")] == ["chunked"]
 
 
+def _same_address(address: str, hop: str) -> bool:
+    try:
+        return str(ip_address(hop.strip())) == address
+    except ValueError:
+        return False
+
+
 def header_filter(data: bytes) -> None:
     """First line: the peer address; every further line `name:value`."""
     lines = data.decode("latin-1").split("\n")
     items = [(k, v) for k, _, v in (line.partition(":") for line in lines[1:])]
     check_header_filters(lines[0], items)
+
+
+def request_path(data: bytes) -> None:
+    """Any path: its normal form, or BadPath; the normal form is its own normal form and has
+    nothing left for an upstream to reinterpret."""
+    raw = data.decode("latin-1")
+    try:
+        normal = path.normalise(raw)
+    except path.BadPath:
+        return
+    assert path.normalise(normal) == normal == path.canonical(normal)
+    assert normal.startswith("/") and normal.isascii() and normal.isprintable()
+    assert "//" not in normal and not {";", "\\"} & set(normal)
+    segments = normal.split("/")
+    assert "." not in segments and ".." not in segments
 
 
 def quoted(key: str) -> str:
@@ -129,5 +157,6 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "traceparent": traceparent,
     "idempotency_key": idempotency_key,
     "header_filter": header_filter,
+    "request_path": request_path,
     "config": config,
 }

@@ -104,6 +104,12 @@ def test_header_filters_hold_their_invariants(peer: str, items: list[tuple[str, 
     targets.check_header_filters(peer, items)
 
 
+@FAST
+@given(st.one_of(st.binary(), st.text("/.%;\\aAbB2fFeE5cC07").map(lambda s: ("/" + s).encode())))
+def test_request_paths_normalise_to_a_fixed_point(data: bytes) -> None:
+    targets.request_path(data)
+
+
 # Arbitrary YAML-shaped data, and valid configs with one leaf replaced by junk.
 leaves = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),

@@ -8,6 +8,7 @@ from proxy.http.headers import (
     downstream_response_headers,
     replay_headers,
     strip_hop_by_hop,
+    untrusted_forwarding,
     upstream_request_headers,
 )
 
@@ -78,12 +79,55 @@ def test_upstream_headers_drop_listed_names() -> None:
         ("10.0.0.1", ["6.6.6.6, 203.0.113.5, 10.0.0.9"], "203.0.113.5"),  # rightmost untrusted
         ("10.0.0.1", ["10.0.0.2", "10.0.0.3"], "10.0.0.2"),  # all trusted: the first hop
         ("10.0.0.1", [], "10.0.0.1"),
-        ("10.0.0.1", ["not-an-ip"], "not-an-ip"),
         ("::1", ["2001:db8::1"], "2001:db8::1"),
+        # A hop that is not an IP address ends the walk: the nearest good address is the client.
+        ("10.0.0.1", ["not-an-ip"], "10.0.0.1"),
+        ("10.0.0.1", ["203.0.113.5, evil, 10.0.0.9"], "10.0.0.9"),
+        ("10.0.0.1", ["203.0.113.5:4711"], "10.0.0.1"),
+        ("10.0.0.1", ["[2001:db8::1]"], "10.0.0.1"),
+        ("10.0.0.1", ["unknown"], "10.0.0.1"),
+        ("10.0.0.1", ["203.0.113.5, "], "10.0.0.1"),
+        ("10.0.0.1", ["203.0.113.5", "10.0.0.2"], "203.0.113.5"),
+        ("10.0.0.1", ["2001:DB8:0::1"], "2001:db8::1"),  # one spelling per address (quota keys)
     ],
 )
 def test_client_address(peer: str, xff: list[str], expected: str) -> None:
     assert client_address(peer, xff, TRUSTED) == expected
+
+
+SPOOFABLE = [
+    "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Server",
+    "X-Forwarded-Ssl", "True-Client-IP", "X-Client-IP", "CF-Connecting-IP", "X-Original-URL",
+    "X-Rewrite-URL", "X-Real-IP", "Fastly-Client-IP", "X-Cluster-Client-IP", "X-Forwarded-Uri",
+    "X-Original-Host", "X-Envoy-External-Address",
+]
+
+
+@pytest.mark.parametrize("name", SPOOFABLE)
+def test_spoofable_forwarding_headers_are_removed_from_untrusted_peers(name: str) -> None:
+    incoming = [(name, "6.6.6.6"), (name.upper(), "x"), ("Accept", "*/*")]
+    out = upstream_request_headers(incoming, peer="192.0.2.7", host="a", trusted=TRUSTED)
+    assert name.lower() not in names(out)
+    assert ("Accept", "*/*") in out
+
+
+@pytest.mark.parametrize("name", SPOOFABLE)
+def test_spoofable_forwarding_headers_pass_from_trusted_proxies(name: str) -> None:
+    out = upstream_request_headers([(name, "203.0.113.9")], peer="10.1.2.3", host="a",
+                                   trusted=TRUSTED)
+    assert (name, "203.0.113.9") in out
+
+
+def test_configured_names_are_removed_too() -> None:
+    untrusted = untrusted_forwarding(["X-Tenant-Verified"])
+    assert {"x-tenant-verified", "x-original-url", "x-forwarded-for"} <= untrusted
+    incoming = [("x-tenant-verified", "yes"), ("X-Other", "1")]
+    out = upstream_request_headers(incoming, peer="192.0.2.7", host=None, trusted=TRUSTED,
+                                   untrusted=untrusted)
+    assert names(out) == ["x-other", "x-forwarded-for", "x-forwarded-proto", "via"]
+    kept = upstream_request_headers(incoming, peer="10.0.0.1", host=None, trusted=TRUSTED,
+                                    untrusted=untrusted)
+    assert ("x-tenant-verified", "yes") in kept
 
 
 def test_downstream_headers_drop_framing_and_hop_by_hop() -> None:

@@ -51,7 +51,7 @@ def staged(aiohttp_client: Any) -> Callable[..., Awaitable[tuple[Client, list[Re
         contexts: list[RequestContext] = []
 
         async def entry(request: web.Request) -> web.StreamResponse:
-            ctx = RequestContext(request, "127.0.0.1", trace_id="1" * 32)
+            ctx = RequestContext(request, "127.0.0.1", trace_id="1" * 32, path=request.path)
             contexts.append(ctx)
             return await handler(ctx)
 

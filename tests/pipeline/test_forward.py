@@ -35,11 +35,12 @@ async def test_head_relays_length_without_a_body(proxy, upstream: RecordingUpstr
     assert await response.read() == b""
 
 
-async def test_path_and_query_reach_the_upstream_byte_exact(proxy, upstream: RecordingUpstream) -> None:
-    target = "/a%20b/%2Fc/%7Euser;p=1?x=%2F&y=a+b&z&x=2&q=%E2%82%AC"
-    response = await proxy.get(URL(target, encoded=True))
+async def test_normal_path_and_exact_query_reach_the_upstream(proxy, upstream: RecordingUpstream) -> None:
+    # The path in its normal form (docs/security/paths.md), the query byte for byte.
+    query = "?x=%2F&y=a+b&z&x=2&q=%E2%82%AC;p=1"
+    response = await proxy.get(URL("/a%20b/c/%7Euser/%e2%82%ac" + query, encoded=True))
     assert response.status == 200
-    assert upstream.received[0].raw_path == target
+    assert upstream.received[0].raw_path == "/a%20b/c/~user/%E2%82%AC" + query
 
 
 async def test_absolute_form_target_cannot_redirect_traffic(proxy, upstream: RecordingUpstream) -> None:
@@ -113,6 +114,20 @@ async def test_trusted_proxy_forwarding_headers_are_extended(make_proxy, upstrea
     seen = upstream.received[0]
     assert seen.header("X-Forwarded-For") == "203.0.113.4, 127.0.0.1"
     assert seen.header("X-Forwarded-Proto") == "https"
+
+
+async def test_configured_forwarding_headers_are_stripped_from_untrusted_clients(
+    make_proxy, upstream: RecordingUpstream
+) -> None:
+    config = base_config(upstream.url, forwarding={"strip_headers": ["X-Tenant-Verified"]})
+    client = await make_proxy(config)
+    await client.get("/", headers={"X-Tenant-Verified": "yes", "X-Original-URL": "/admin",
+                                   "True-Client-IP": "6.6.6.6", "X-Kept": "1"})
+    seen = upstream.received[0]
+    assert [seen.header(n) for n in ("X-Tenant-Verified", "X-Original-URL", "True-Client-IP")] == [
+        None, None, None
+    ]
+    assert seen.header("X-Kept") == "1"
 
 
 async def test_redirects_are_relayed_not_followed(proxy, upstream: RecordingUpstream) -> None:
