@@ -62,6 +62,11 @@ UNTRUSTED_FORWARDING = FORWARDING | frozenset(
         "x-original-uri",
         "x-original-host",
         "x-host",
+        # method override: a GET that the upstream runs as POST would walk past a POST-only
+        # route's protections (required key, idempotency, quota by method)
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
     }
 )
 REPLAY_ALLOWED = frozenset(

@@ -99,7 +99,8 @@ SPOOFABLE = [
     "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Server",
     "X-Forwarded-Ssl", "True-Client-IP", "X-Client-IP", "CF-Connecting-IP", "X-Original-URL",
     "X-Rewrite-URL", "X-Real-IP", "Fastly-Client-IP", "X-Cluster-Client-IP", "X-Forwarded-Uri",
-    "X-Original-Host", "X-Envoy-External-Address",
+    "X-Original-Host", "X-Envoy-External-Address", "X-HTTP-Method-Override", "X-HTTP-Method",
+    "X-Method-Override",
 ]
 
 
