@@ -360,6 +360,9 @@ class Limits(Model):
     write_timeout: Deadline = 30.0
     # Open client connections on the data port; more are answered 503 and closed.
     max_connections: int = Field(default=4096, ge=1)
+    # Nesting allowed in the JSON body of a keyed request (it is canonicalised to fingerprint
+    # it); deeper is answered 400 json-too-deep before anything is claimed or forwarded.
+    max_json_depth: int = Field(default=128, ge=1, le=100_000)
 
 
 class Logging(Model):

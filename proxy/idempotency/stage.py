@@ -23,6 +23,7 @@ from proxy.http.context import Handler, RequestContext
 from proxy.http.headers import SERVER
 from proxy.http.problem import problem
 from proxy.idempotency.fingerprint import fingerprint
+from proxy.idempotency.jcs import JsonTooDeep
 from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
 from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
 from proxy.stores.base import IN_FLIGHT, INDETERMINATE, Record, Store, StoreError, StoreTimeout
@@ -222,13 +223,19 @@ def stage(
                 ctx.user_hash = hasher.log_hash(identity)
         record_key = storage_key(route_name, identity, key)
         ctx.idempotency_key_hash = hasher.log_hash(record_key)
-        fp = fingerprint(
-            request.method,
-            request.rel_url.raw_path,
-            request.rel_url.raw_query_string,
-            request.headers.get("Content-Type"),
-            payload,
-        )
+        try:
+            fp = fingerprint(
+                request.method,
+                request.rel_url.raw_path,
+                request.rel_url.raw_query_string,
+                request.headers.get("Content-Type"),
+                payload,
+                limits.max_json_depth,
+            )
+        except JsonTooDeep as exc:
+            return refuse(ctx, 400, "json-too-deep", "JSON body too deep",
+                          f"{exc}; an Idempotency-Key needs a body that can be fingerprinted",
+                          "request_json_too_deep")
         # Unique, not secret (it never leaves the proxy and the store: it tells owners apart),
         # so not from the OS: os.urandom is a syscall per request.
         token = f"{random.getrandbits(128):032x}"
