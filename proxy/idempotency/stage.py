@@ -20,7 +20,7 @@ from proxy.config import Limits, Route
 from proxy.config import Store as StoreConfig
 from proxy.http import body
 from proxy.http.context import Handler, RequestContext
-from proxy.http.headers import SERVER
+from proxy.http.headers import SERVER, VIA
 from proxy.http.problem import problem
 from proxy.idempotency.fingerprint import fingerprint
 from proxy.idempotency.jcs import JsonTooDeep
@@ -84,6 +84,10 @@ def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload
     headers["Idempotent-Replayed"] = "true"
     headers["X-Trace-Id"] = ctx.trace_id
     headers["Server"] = SERVER
+    # A replay passed through the proxy as its original did; a copy stored with a route's extra
+    # `Via` already ends with ours.
+    if headers.getall("Via", [])[-1:] != [VIA]:
+        headers.add("Via", VIA)
     ctx.status = status
     ctx.response_body_size = len(payload)
     return web.Response(status=status, body=payload, headers=headers)
