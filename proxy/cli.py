@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -15,6 +14,7 @@ import yaml
 from proxy import __version__
 from proxy.admin.health import connect_report
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
+from proxy.config.urls import redact_url
 from proxy.server import serve as server
 from proxy.server import supervisor
 from proxy.server.worker_role import WorkerRole
@@ -23,7 +23,6 @@ from proxy.stores import open_store
 T = TypeVar("T")
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-_PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,9 +74,14 @@ def route_table(config: Config) -> str:
 
 
 def redacted(config: Config) -> dict[str, Any]:
-    """The effective config as plain data, with the store password and hash salt masked."""
+    """The effective config as plain data, with URL credentials and the hash salt masked."""
     data = config.model_dump(mode="json")
-    data["store"]["url"] = _PASSWORD.sub(r"\1***@", data["store"]["url"])
+    data["store"]["url"] = redact_url(data["store"]["url"])
+    for upstream in data["upstreams"].values():
+        if upstream["url"] is not None:
+            upstream["url"] = redact_url(upstream["url"])
+        for target in upstream["targets"] or ():
+            target["url"] = redact_url(target["url"])
     if data["logging"]["hash_salt"]:
         data["logging"]["hash_salt"] = "***"
     return data

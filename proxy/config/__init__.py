@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from proxy.config.store_url import parse_url
+from proxy.config.urls import redact_url
 
 DEFAULT_PATH = "config/proxy.yaml"
 
@@ -126,14 +127,15 @@ def _http_url(value: object) -> object:
     if not isinstance(value, str):
         raise ValueError("expected a URL like http://127.0.0.1:8080")
     parts = urlsplit(value)
+    shown = redact_url(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {shown!r}")
     if parts.query or parts.fragment:
-        raise ValueError(f"an upstream URL cannot have a query or fragment: {value!r}")
+        raise ValueError(f"an upstream URL cannot have a query or fragment: {shown!r}")
     try:
         parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ValueError(f"bad port in URL {value!r}") from exc
+    except ValueError:
+        raise ValueError(f"bad port in URL {shown!r}") from None
     return value.rstrip("/")
 
 

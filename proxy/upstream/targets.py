@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
 from proxy.config import Upstream as UpstreamConfig
+from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
 from proxy.upstream.h1 import H1Transport
@@ -175,14 +176,14 @@ class Upstream:
 
     def circuit_states(self) -> list[tuple[str, str]]:
         """(target url, closed|open|half_open) for every target (idemproxy_circuit_state)."""
-        return [(t.url, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
+        return [(redact_url(t.url), t.breaker.state if t.breaker else CLOSED) for t in self.targets]
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per target, for /health: url, weight, healthy, circuit (None without a breaker),
         seconds until a probe."""
         return [
             {
-                "url": t.url,
+                "url": redact_url(t.url),
                 "weight": t.weight,
                 "healthy": t.healthy,
                 "circuit": t.breaker.state if t.breaker else None,

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
+from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
 
 CHUNK = 64 * 1024
@@ -119,6 +120,7 @@ class AiohttpTransport:
         self, base_url: str, *, connect_timeout: float, timeout: float, max_connections: int
     ) -> None:
         self._base = base_url
+        self._shown = redact_url(base_url)  # for messages, which reach clients and logs
         self._connect_timeout = connect_timeout
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, force_close=False),
@@ -154,13 +156,13 @@ class AiohttpTransport:
                 **options,
             )
         except aiohttp.ConnectionTimeoutError as exc:
-            raise UpstreamConnectTimeout(f"connect to {self._base} timed out") from exc
+            raise UpstreamConnectTimeout(f"connect to {self._shown} timed out") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamNotSent(f"cannot connect to {self._base}: {exc.os_error}") from exc
+            raise UpstreamNotSent(f"cannot connect to {self._shown}: {exc.os_error}") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(f"{self._base} did not answer in time") from exc
+            raise UpstreamTimeout(f"{self._shown} did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamBroken(f"{self._base}: {exc or type(exc).__name__}") from exc
+            raise UpstreamBroken(f"{self._shown}: {exc or type(exc).__name__}") from exc
         return _AiohttpResponse(response)
 
     async def close(self) -> None:
