@@ -70,6 +70,8 @@ def _inexact(piece: bytes) -> bool:
 
 
 def _maybe_float(canonical: bytes) -> bool:
+    if b"." not in canonical and b"e+" not in canonical and b"e-" not in canonical:
+        return False  # the usual case, found without a copy
     shape = canonical.translate(_SHAPE)
     return b"0." in shape or b"0e" in shape
 
@@ -137,7 +139,10 @@ def es_number(value: float) -> str:
 def exact(text: bytes) -> bool:
     """Whether the JSON number `text` is the same number as its nearest double (written the
     shortest way); if not, the double would merge it with its neighbours."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:  # a loose token from _inexact(), not a JSON number
+        return False
     return math.isfinite(value) and Decimal(text.decode()) == Decimal(repr(value))
 
 

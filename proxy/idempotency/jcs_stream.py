@@ -58,7 +58,9 @@ MAX_HELD_MEMBERS = 1 << 17
 PIECE_DEPTH = 16
 _P_WS = rb"[ \t\n\r]*+"
 _P_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
-_P_SCALAR = _P_STRING + rb"|[-+.0-9a-zA-Z]++"
+# A number or literal must be followed by a delimiter inside the window: one cut by the window's
+# end would otherwise pass as a shorter number.
+_P_SCALAR = _P_STRING + rb"|[-+.0-9a-zA-Z]++(?=[ \t\n\r,\]}:])"
 
 
 def _value_pattern(depth: int) -> bytes:

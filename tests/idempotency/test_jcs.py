@@ -180,6 +180,7 @@ def test_numbers_strings_and_whitespace(body: bytes, canonical: bytes) -> None:
         b'{"\\u0000":1}',
         b"{not json", b"[1,]", b"01", b"[] x", b'"\\ud800"', b"\xff", b"\xef\xbb\xbf[]", b"",
         b"[NaN]", b'{"a":1', b"[1 2]", b"[[1,]]",
+        b"[1234567890123456-1]", b'{"a":[12345678901234567e+-1]}',  # number-like, not numbers
     ],
 )
 def test_not_ijson_is_not_canonical(body: bytes) -> None:
@@ -275,3 +276,16 @@ def test_canonical_text_canonicalises_to_itself() -> None:
     body = b'{"b":[1e21,0.5,-3,"\\u0001\xc3\xa9"],"a":{"\xf0\x9f\x98\x80":null,"\xee\x80\x80":1}}'
     once = stream(body)
     assert stream(once) == once == either(once)
+
+
+@pytest.mark.parametrize("shift", range(-8, 9))
+@pytest.mark.parametrize("scalar", [b"1.5000000", b"true", b"-12345", b'"abcdef"', b"{}"])
+def test_a_value_cut_by_the_piece_window_is_not_taken_for_a_shorter_one(
+    shift: int, scalar: bytes
+) -> None:
+    head = b'{"pad":"' + b"p" * (jcs.FAST_MAX // 2) + b'","run":['
+    ones = b"1," * ((jcs.FAST_MAX - shift) // 2)
+    body = head + ones + scalar + b",7]}"
+    assert stream(body) == reference(body)
+    long_number = b"[" + ones + b"0.5" + b"0" * (jcs.FAST_MAX + shift) + b"1]"
+    assert outcome(stream, long_number) == outcome(reference, long_number)
