@@ -37,43 +37,57 @@ _MINUS = ord("-")
 # its Python objects cost a few MiB at most, whatever its shape.
 FAST_MAX = 64 * 1024
 # Where orjson's key order (code points) can differ from RFC 8785's (UTF-16 code units): a
-# character from U+E000 up, raw (UTF-8 lead bytes EE-F4) or escaped. An escaped U+0000, which the
-# tokenizer refuses in names, or ':', which would upset the duplicate-name count.
-_HIGH = re.compile(rb"[\xee-\xf4]")
-_RISKY_ESCAPE = re.compile(rb"\\u(?:[dDeEfF]|0000|003[aA])")
+# name with a character from U+E000 up, raw (UTF-8 lead bytes EE-F4) or escaped, and an escaped
+# U+0000, which the tokenizer refuses in names. A name is a string followed by ':', so each
+# pattern runs from the sign to the end of its string (only a value would stop earlier); an
+# escape that is really an escaped backslash plus "u..." may match too, which only costs speed.
+_STRING_REST = rb'(?:[^"\\]|\\.)*+"[ \t\n\r]*+:'
+_HIGH_NAME = re.compile(rb"[\xee-\xf4]" + _STRING_REST)
+_RISKY_NAME_ESCAPE = re.compile(rb"\\u(?:[dDeEfF]|0000)" + _STRING_REST)
+# An escaped ':' anywhere would upset the duplicate-name count below.
+_ESCAPED_COLON = re.compile(rb"\\u003[aA]")
+# Cheap signs are looked for in a copy with every digit turned into "0" and "E" into "e"
+# (bytes.translate and `in` are many times faster than a regex here). Strings can show them too;
+# then a closer look decides, or the tokenizer does: a false sign only costs time.
+_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
 # A number that a double may not hold exactly has 16+ digits or a 3-digit exponent; with neither,
 # every number has at most 15 significant digits in a double's normal range, so it is exact.
-# Looked for in a copy with every digit turned into "0", "E" into "e", signs and points dropped
-# (bytes.translate and `in` are many times faster than a regex here); strings can look like that
-# too, so a hit is checked again with the strings taken out.
-_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
-_ANY_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
-# orjson writes a float with "." or an exponent; these are re-laid-out as ECMAScript would.
 _BARE_NUMBER = re.compile(rb"-?[0-9][-+.eE0-9]*")
+_ANY_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
+# orjson writes floats as ECMAScript does except integral ones and exponent forms; those are
+# re-laid-out token by token.
+_POINT_ZERO = re.compile(rb"\.0(?![0-9])")
 _OUTPUT_TOKEN = re.compile(rb'("[^"\\]*+(?:\\.[^"\\]*+)*+")|[-0-9][-+.e0-9]*')
+# For the depth of a small body: its brackets outside strings, all as [ and ].
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
-def _maybe_inexact(data: bytes) -> bool:
-    shape = data.translate(_SHAPE, b"+-.")
+def _maybe_inexact(shape: bytes) -> bool:
+    """Signs of an inexact number in a _SHAPE copy (signs and points do not break a run)."""
+    shape = shape.translate(None, b"+-.")
     return b"0000000000000000" in shape or b"e000" in shape
 
 
 def _inexact(piece: bytes) -> bool:
     """Whether a number outside the piece's strings is not exactly a double (see exact())."""
-    bare = _ANY_STRING.sub(b"", piece)
-    if not _maybe_inexact(bare):
+    bare = _outside_strings(piece)
+    if not _maybe_inexact(bare.translate(_SHAPE)):
         return False
     for match in _BARE_NUMBER.finditer(bare):
-        if _maybe_inexact(match.group()) and not exact(match.group()):
+        token = match.group()
+        if _maybe_inexact(token.translate(_SHAPE)) and not exact(token):
             return True
     return False
 
 
-def _maybe_float(canonical: bytes) -> bool:
+def _needs_relayout(canonical: bytes) -> bool:
+    """Whether a float may be written differently from ECMAScript: orjson's floats match it
+    digit for digit except integral ones (`100.0`) and exponent forms (`1e+16`, `1e-6`)."""
     if b"." not in canonical and b"e+" not in canonical and b"e-" not in canonical:
         return False  # the usual case, found without a copy
     shape = canonical.translate(_SHAPE)
-    return b"0." in shape or b"0e" in shape
+    return b"0e+" in shape or b"0e-" in shape or _POINT_ZERO.search(canonical) is not None
 
 
 def _relayout(match: re.Match[bytes]) -> bytes:
@@ -85,11 +99,15 @@ def _relayout(match: re.Match[bytes]) -> bytes:
 
 def via_orjson(piece: bytes) -> bytes | None:
     """The RFC 8785 form of the JSON text `piece` via orjson, or None: use the tokenizer."""
-    if not piece.isascii() and _HIGH.search(piece) is not None:
+    if not piece.isascii() and _HIGH_NAME.search(piece) is not None:
         return None
-    if b"\\u" in piece and _RISKY_ESCAPE.search(piece) is not None:
+    if b"\\u" in piece and (
+        _RISKY_NAME_ESCAPE.search(piece) is not None or _ESCAPED_COLON.search(piece) is not None
+    ):
         return None
-    if _maybe_inexact(piece) and _inexact(piece):
+    shape = piece.translate(_SHAPE)
+    long_numbers = _maybe_inexact(shape)
+    if long_numbers and _inexact(piece):
         return None
     try:
         canonical = orjson.dumps(orjson.loads(piece), option=orjson.OPT_SORT_KEYS)
@@ -99,16 +117,38 @@ def via_orjson(piece: bytes) -> bytes | None:
     # none escaped) then outnumber the canonical text's.
     if piece.count(b":") != canonical.count(b":"):
         return None
-    if _maybe_float(canonical):
+    # orjson makes floats of the piece's numbers with a point or an exponent (a digit before
+    # either) and of integers beyond 64 bits.
+    if (long_numbers or b"0." in shape or b"0e" in shape) and _needs_relayout(canonical):
         canonical = _OUTPUT_TOKEN.sub(_relayout, canonical)
     return canonical
 
 
 def fast(data: bytes, max_depth: int) -> bytes | None:
     """The whole body via orjson if it is small, or None."""
-    if len(data) > FAST_MAX or data.count(b"[") + data.count(b"{") > max_depth:
+    if len(data) > FAST_MAX:
         return None
+    if data.count(b"[") + data.count(b"{") > max_depth and _deeper_than(data, max_depth):
+        return None  # the tokenizer raises JsonTooDeep, or says why it is not JSON
     return via_orjson(data)
+
+
+def _deeper_than(data: bytes, max_depth: int) -> bool:
+    """Whether the brackets outside strings nest deeper than max_depth (or do not balance).
+    Each round deletes the innermost pairs, so a body needs as many rounds as it is deep."""
+    brackets = _outside_strings(data).translate(_ONE_BRACKET, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
+
+
+def _outside_strings(data: bytes) -> bytes:
+    """What is outside the strings of valid JSON (garbage, never an error, for invalid JSON)."""
+    if b'\\"' not in data:  # no escaped quote: strings are exactly every other piece
+        return b"".join(data.split(b'"')[::2])
+    return _ANY_STRING.sub(b"", data)
 
 
 def es_number(value: float) -> str:

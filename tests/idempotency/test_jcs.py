@@ -219,6 +219,15 @@ def test_depth_limit_is_exact_on_every_path(opener: bytes, pad: int) -> None:
             tokenizer_only(nested(limit + 1), limit)
 
 
+@pytest.mark.parametrize("decoy", [b'"]]]]"', b'"\\"]]]]"', b'"\\\\"', b'"[[[["'])
+def test_brackets_in_strings_do_not_hide_depth(decoy: bytes) -> None:
+    body = b"[" + decoy + b"," + b"[" * 128 + b"]" * 128 + b"]"
+    with pytest.raises(JsonTooDeep):
+        either(body, 128)
+    shallow = b"[" + decoy + b"," + b"[" * 127 + b"]" * 127 + b"]"
+    assert either(shallow, 128) == reference(shallow)
+
+
 def test_deep_nesting_far_beyond_the_limit_raises_no_recursion_error() -> None:
     with pytest.raises(JsonTooDeep):
         stream(b"[" * 100_000 + b"]" * 100_000, 128)
@@ -289,3 +298,18 @@ def test_a_value_cut_by_the_piece_window_is_not_taken_for_a_shorter_one(
     assert stream(body) == reference(body)
     long_number = b"[" + ones + b"0.5" + b"0" * (jcs.FAST_MAX + shift) + b"1]"
     assert outcome(stream, long_number) == outcome(reference, long_number)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"amount": 1299, "currency": "eur", "meta": {"b": [1, 2], "a": null}}',
+        b'{"rate": 0.125, "fee": 1.5, "total": 100.0, "tiny": 1e-7, "big": 1e21}',
+        '{"description": "paid \U0001f600 \ue000", "a": 1}'.encode(),
+        b'{"html": "\\u003cb\\u003e \\ud83d\\ude00", "card": "4242424242424242"}',
+        json.dumps([{"id": i, "name": f"n{i}"} for i in range(300)]).encode(),  # > 128 brackets
+    ],
+)
+def test_typical_bodies_take_the_orjson_path(body: bytes) -> None:
+    """Speed, not meaning: these must not fall back to the tokenizer (~10x slower)."""
+    assert jcs.fast(body, 128) == reference(body)
