@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from proxy.idempotency import jcs, jcs_stream
@@ -58,3 +59,20 @@ def fingerprint(
         digest = head
         digest.update(body)
     return digest.hexdigest()[:40]
+
+
+async def fingerprint_off_loop(
+    method: str,
+    path: str,
+    raw_query: str,
+    content_type: str | None,
+    body: bytes,
+    max_json_depth: int,
+) -> str:
+    """fingerprint(), in a worker thread for a body the orjson path may not take: the tokenizer
+    can hold the GIL for seconds on 10 MiB, and a thread lets the event loop keep serving
+    meanwhile (the GIL changes hands every few ms). Small bodies stay on the loop."""
+    args = (method, path, raw_query, content_type, body, max_json_depth)
+    if len(body) <= jcs.FAST_MAX:
+        return fingerprint(*args)
+    return await asyncio.to_thread(fingerprint, *args)

@@ -22,7 +22,7 @@ from proxy.http import body
 from proxy.http.context import Handler, RequestContext
 from proxy.http.headers import SERVER, VIA
 from proxy.http.problem import problem
-from proxy.idempotency.fingerprint import fingerprint
+from proxy.idempotency.fingerprint import fingerprint_off_loop
 from proxy.idempotency.jcs import JsonTooDeep
 from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
 from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
@@ -228,7 +228,7 @@ def stage(
         record_key = storage_key(route_name, identity, key)
         ctx.idempotency_key_hash = hasher.log_hash(record_key)
         try:
-            fp = fingerprint(
+            fp = await fingerprint_off_loop(
                 request.method,
                 request.rel_url.raw_path,
                 request.rel_url.raw_query_string,

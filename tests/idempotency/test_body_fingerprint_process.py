@@ -3,6 +3,8 @@ small multiple of the body whatever its shape, and too-deep JSON is a 400 proble
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,3 +101,34 @@ async def test_too_deep_json_is_a_400_problem_and_the_proxy_keeps_serving(
                                 headers={"Idempotency-Key": "text"}) as response:
             assert response.status == 200
     assert "Traceback" not in proxy.stderr()
+
+
+async def test_other_requests_are_served_while_a_large_body_is_fingerprinted(
+    upstream: RecordingUpstream, proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    """The slowest shape for the canonicaliser (seconds of CPU for 10 MiB) does not stop the
+    event loop: it runs in a worker thread."""
+    element = b"[" * 7 + b"{}" + b"]" * 7
+    body = b"[" + b",".join([element] * (MAX_BODY // (len(element) + 1))) + b"]"
+    proxy = proxy_process(idem_config(upstream.url, "memory://"))
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def post_big() -> float:
+            began = time.monotonic()
+            async with session.post(proxy.url + "/v1/pay", data=body,
+                                    headers={**JSON, "Idempotency-Key": "big"}) as response:
+                assert response.status == 200
+            return time.monotonic() - began
+
+        big = asyncio.create_task(post_big())
+        latencies = []
+        while not big.done():
+            began = time.monotonic()
+            async with session.get(proxy.url + "/small") as response:
+                assert response.status == 200
+            latencies.append(time.monotonic() - began)
+        duration = await big
+    print(f"big request {duration:.2f}s; {len(latencies)} small ones, slowest "
+          f"{max(latencies):.3f}s")
+    assert len(latencies) >= 5
+    assert max(latencies) < duration / 4
