@@ -4,8 +4,8 @@ A tokenizer walks the bytes with an explicit stack and never builds Python objec
 document. Arrays and scalars stream straight out (to `write`, a hash's `update`); only the
 members of open objects are held, one bytearray each (sort key + canonical bytes), until their
 object closes and they can be sorted. Runs of small array elements and small member values (up to
-jcs.FAST_MAX bytes, a few levels deep) go through orjson in one piece, so the Python loop sees
-the big structure only.
+jcs.FAST_MAX bytes and PIECE_DEPTH levels) go through orjson in one piece, so the Python loop
+sees the big structure only.
 
 Memory beyond the body: about the canonical size of the open objects plus ~64 bytes per held
 member, capped by MAX_HELD_MEMBERS (beyond it the document is NotCanonical and hashed as sent),
@@ -194,14 +194,14 @@ class _Object:
 class _Walk:
     """One document's tokenizer state; `run()` is the loop."""
 
-    def __init__(self, data: bytes, write: Write,
-                 max_depth: int) -> None:
+    def __init__(self, data: bytes, write: Write, max_depth: int) -> None:
         self.data = data
         self.write = write
         self.max_depth = max_depth
         # Pieces are not tried again inside a region that orjson declined (the tokenizer does
-        # it), so a region is never re-scanned.
-        self.declined_until = 0
+        # it), so a region is never re-scanned. A body small enough to be one piece is here
+        # because jcs.fast() declined it whole (or it is not JSON).
+        self.declined_until = len(data) if len(data) <= FAST_MAX else 0
         self.held = 0
 
     def piece(self, run: bool, pos: int, depth: int) -> tuple[bytes | None, int]:

@@ -272,7 +272,7 @@ def test_every_path_matches_the_reference(value: Any) -> None:
     assert len(results) == 1  # re-serialising never changes what the request is
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(documents, min_size=1, max_size=6))
 def test_large_bodies_pieces_agree_with_the_reference(values: list[Any]) -> None:
     # Long enough that the whole-body path is skipped and pieces meet their window edge.
