@@ -46,6 +46,7 @@ def deep_wrapped_records() -> bytes:
     return b'{"a":' * 100 + b"[" + records + b"]" + b"}" * 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [many_empty_objects, one_flat_object, deep_wrapped_records])
 async def test_keyed_10mib_json_raises_peak_rss_by_less_than_3x_its_size(
     upstream: RecordingUpstream, proxy_process: Callable[..., ProxyProcess],
@@ -103,6 +104,7 @@ async def test_too_deep_json_is_a_400_problem_and_the_proxy_keeps_serving(
     assert "Traceback" not in proxy.stderr()
 
 
+@pytest.mark.slow
 async def test_other_requests_are_served_while_a_large_body_is_fingerprinted(
     upstream: RecordingUpstream, proxy_process: Callable[..., ProxyProcess],
 ) -> None:
