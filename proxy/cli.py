@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from proxy import __version__
 from proxy.admin import auth
 from proxy.admin.health import connect_report
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
+from proxy.config.urls import redact_url
 from proxy.server import serve as server
 from proxy.server import supervisor
 from proxy.server.worker_role import WorkerRole
@@ -24,7 +24,6 @@ from proxy.stores import open_store
 T = TypeVar("T")
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-_PASSWORD = re.compile(r"^([a-z+]+://[^:@/]*:)[^@/]+@")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,10 +75,15 @@ def route_table(config: Config) -> str:
 
 
 def redacted(config: Config) -> dict[str, Any]:
-    """The effective config as plain data, with the store password, hash salt and span export
+    """The effective config as plain data, with URL credentials, the hash salt and span export
     headers masked."""
     data = config.model_dump(mode="json")
-    data["store"]["url"] = _PASSWORD.sub(r"\1***@", data["store"]["url"])
+    data["store"]["url"] = redact_url(data["store"]["url"])
+    for upstream in data["upstreams"].values():
+        if upstream["url"] is not None:
+            upstream["url"] = redact_url(upstream["url"])
+        for target in upstream["targets"] or ():
+            target["url"] = redact_url(target["url"])
     if data["logging"]["hash_salt"]:
         data["logging"]["hash_salt"] = "***"
     export = data["tracing"]["export"]

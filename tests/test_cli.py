@@ -93,5 +93,5 @@ def test_check_redacts_secrets(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout and "pepper" not in result.stdout
     effective = yaml.safe_load(result.stdout.split("\nROUTE ")[0])
-    assert effective["store"]["url"] == "redis://:***@127.0.0.1:6379/0"
+    assert effective["store"]["url"] == "redis://***@127.0.0.1:6379/0"
     assert effective["logging"]["hash_salt"] == "***"

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import Config, HealthCheck, config_hash
+from proxy.config.urls import redact_url
 from proxy.observability.events import emit, iso_time
 
 Status = Literal["pass", "warn", "fail"]
@@ -80,6 +81,7 @@ async def probe_http(
     """GET `url`; 2xx and 3xx pass (as for a Kubernetes httpGet probe), or any answer at all
     with `any_status` (reachability only)."""
     started = time.perf_counter()
+    shown = redact_url(url)
     try:
         async with asyncio.timeout(timeout):
             async with session.get(url, allow_redirects=False) as response:
@@ -87,11 +89,11 @@ async def probe_http(
                 status = response.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         elapsed = _ms(started)
-        return Observation("fail", elapsed, "ms", time.time(), _failure(exc), url)
+        return Observation("fail", elapsed, "ms", time.time(), _failure(exc), shown)
     elapsed = _ms(started)
     if any_status or 200 <= status < 400:
-        return Observation("pass", elapsed, "ms", time.time(), None, url)
-    return Observation("fail", elapsed, "ms", time.time(), f"HTTP {status}", url)
+        return Observation("pass", elapsed, "ms", time.time(), None, shown)
+    return Observation("fail", elapsed, "ms", time.time(), f"HTTP {status}", shown)
 
 
 async def probe_store(store: StoreHealth, timeout: float) -> tuple[Observation, Observation | None]:
@@ -195,7 +197,7 @@ class UpstreamCheck:
         on_target: TargetHealth | None = None,
     ) -> None:
         self.name = name
-        self.urls = list(urls)
+        self.urls = [redact_url(url) for url in urls]  # as Upstream.snapshot() shows them
         self._on_target = on_target
         self.identity = (tuple(urls), config)
         self.required = config.required
@@ -233,7 +235,7 @@ class UpstreamCheck:
 
     def observations(self) -> list[Observation]:
         return [
-            r if r is not None else _pending(url)
+            r if r is not None else _pending(redact_url(url))
             for r, url in zip(self.results, self.targets, strict=True)
         ]
 

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from proxy.config.store_url import parse_url
+from proxy.config.urls import redact_url
 
 DEFAULT_PATH = "config/proxy.yaml"
 # Leaves room for the proxy itself (~51Mi idle) and a keyed 10MiB request body being
@@ -131,14 +132,15 @@ def _http_url(value: object) -> object:
     if not isinstance(value, str):
         raise ValueError("expected a URL like http://127.0.0.1:8080")
     parts = urlsplit(value)
+    shown = redact_url(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {shown!r}")
     if parts.query or parts.fragment:
-        raise ValueError(f"an upstream URL cannot have a query or fragment: {value!r}")
+        raise ValueError(f"an upstream URL cannot have a query or fragment: {shown!r}")
     try:
         parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ValueError(f"bad port in URL {value!r}") from exc
+    except ValueError:
+        raise ValueError(f"bad port in URL {shown!r}") from None
     return value.rstrip("/")
 
 
@@ -448,6 +450,9 @@ class Limits(Model):
     write_timeout: Deadline = 30.0
     # Open client connections on the data port; more are answered 503 and closed.
     max_connections: int = Field(default=4096, ge=1)
+    # Nesting allowed in the JSON body of a keyed request (it is canonicalised to fingerprint
+    # it); deeper is answered 400 json-too-deep before anything is claimed or forwarded.
+    max_json_depth: int = Field(default=128, ge=1, le=100_000)
 
 
 class Logging(Model):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from proxy.config.urls import redact_url
+
 REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
 TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile"})
 CERT_REQS = frozenset({"none", "optional", "required"})
@@ -30,7 +32,7 @@ def parse_url(url: str) -> StoreUrl:
     """Split a store URL; several comma-separated hosts are allowed for Sentinel and Cluster."""
     parts = urlsplit(url)
     scheme = parts.scheme
-    shown = redact(url)
+    shown = redact_url(url)
     if scheme not in REDIS_SCHEMES:
         raise ValueError(f"store URL {shown!r}: not a Redis URL")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
@@ -83,11 +85,3 @@ def _host_port(item: str, default_port: int) -> tuple[str, int]:
     if not host or (port and not port.isdigit()):
         raise ValueError(f"bad host in store URL: {item!r}")
     return host, int(port) if port else default_port
-
-
-def redact(url: str) -> str:
-    """The URL without its credentials, for messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()

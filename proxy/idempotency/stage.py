@@ -20,9 +20,10 @@ from proxy.config import Limits, Route
 from proxy.config import Store as StoreConfig
 from proxy.http import body
 from proxy.http.context import Handler, RequestContext
-from proxy.http.headers import SERVER
+from proxy.http.headers import SERVER, VIA
 from proxy.http.problem import problem
-from proxy.idempotency.fingerprint import fingerprint
+from proxy.idempotency.fingerprint import fingerprint_off_loop
+from proxy.idempotency.jcs import JsonTooDeep
 from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
 from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
 from proxy.stores.base import IN_FLIGHT, INDETERMINATE, Record, Store, StoreError, StoreTimeout
@@ -83,6 +84,10 @@ def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload
     headers["Idempotent-Replayed"] = "true"
     headers["X-Trace-Id"] = ctx.trace_id
     headers["Server"] = SERVER
+    # A replay passed through the proxy as its original did; a copy stored with a route's extra
+    # `Via` already ends with ours.
+    if headers.getall("Via", [])[-1:] != [VIA]:
+        headers.add("Via", VIA)
     ctx.status = status
     ctx.response_body_size = len(payload)
     return web.Response(status=status, body=payload, headers=headers)
@@ -223,13 +228,19 @@ def stage(
                 ctx.user_hash = hasher.log_hash(identity)
         record_key = storage_key(route_name, identity, key)
         ctx.idempotency_key_hash = hasher.log_hash(record_key)
-        fp = fingerprint(
-            request.method,
-            ctx.path,
-            request.rel_url.raw_query_string,
-            request.headers.get("Content-Type"),
-            payload,
-        )
+        try:
+            fp = await fingerprint_off_loop(
+                request.method,
+                ctx.path,
+                request.rel_url.raw_query_string,
+                request.headers.get("Content-Type"),
+                payload,
+                limits.max_json_depth,
+            )
+        except JsonTooDeep as exc:
+            return refuse(ctx, 400, "json-too-deep", "JSON body too deep",
+                          f"{exc}; an Idempotency-Key needs a body that can be fingerprinted",
+                          "request_json_too_deep")
         # Unique, not secret (it never leaves the proxy and the store: it tells owners apart),
         # so not from the OS: os.urandom is a syscall per request.
         token = f"{random.getrandbits(128):032x}"

@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.admin.health import HealthMonitor, ReloadAttempt
 from proxy.config import Config, ConfigError, config_hash, load
+from proxy.config.urls import redact_url
 from proxy.observability import events
 from proxy.observability.events import emit
 from proxy.pipeline.runtime import DataPlane, Runtime
@@ -42,13 +43,18 @@ def restart_required(running: Config, candidate: Config) -> list[str]:
     old, new = running.model_dump(mode="json"), candidate.model_dump(mode="json")
     problems = []
     for path in RESTART_ONLY:
-        before, after = _at(old, path), _at(new, path)
+        before, after = _shown(_at(old, path)), _shown(_at(new, path))
         if before != after:
             problems.append(
                 f"{'.'.join(path)}: changed from {before} to {after}; this needs a restart "
                 "(the running config is kept)"
             )
     return problems
+
+
+def _shown(value: Any) -> Any:
+    """A setting as a reload answer may show it: URLs without their credentials."""
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def _at(data: Any, path: tuple[str, ...]) -> Any:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from urllib.parse import urlsplit
 
+from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
 from proxy.upstream.h1_connection import Connection, Report, Violation
 from proxy.upstream.h1_connection import Stale as _Stale
@@ -82,6 +83,7 @@ class H1Transport:
         parts = urlsplit(base_url)
         self._report = report
         self._base = base_url
+        self._shown = redact_url(base_url)  # for messages, which reach clients and logs
         self._hostname = parts.hostname or ""
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
@@ -143,7 +145,7 @@ class H1Transport:
                     _abandon(conn, timer)
                     if not may_resend(method, headers, body):
                         raise UpstreamBroken(
-                            f"{self._base} closed a reused connection before answering; "
+                            f"{self._shown} closed a reused connection before answering; "
                             "not resent: the request is not idempotent"
                         ) from None
                     conn = await self._connect(loop, deadline)
@@ -167,7 +169,7 @@ class H1Transport:
                 waiter.cancel()
             if isinstance(exc, TimeoutError):
                 raise UpstreamNotSent(
-                    f"no free connection to {self._base} within {self._timeout:g}s"
+                    f"no free connection to {self._shown} within {self._timeout:g}s"
                 ) from None
             raise
 
@@ -203,9 +205,9 @@ class H1Transport:
                 min(self._connect_timeout, max(0.0, deadline - loop.time())),
             )
         except TimeoutError:
-            raise UpstreamConnectTimeout(f"connect to {self._base} timed out") from None
+            raise UpstreamConnectTimeout(f"connect to {self._shown} timed out") from None
         except OSError as exc:
-            raise UpstreamNotSent(f"cannot connect to {self._base}: {exc}") from exc
+            raise UpstreamNotSent(f"cannot connect to {self._shown}: {exc}") from exc
         return conn
 
     def _encode(

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from yarl import URL
 
 from proxy.config import Upstream as UpstreamConfig
+from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
 from proxy.observability.events import emit
 from proxy.observability.metrics import Metrics, TargetMetrics, process_metrics
@@ -222,8 +223,8 @@ class Upstream:
         self.targets[index].healthy = healthy
 
     def circuit_states(self) -> list[tuple[str, str]]:
-        """(target url, closed|open|half_open) for every target."""
-        return [(t.url, t.breaker.state if t.breaker else CLOSED) for t in self.targets]
+        """(target url, closed|open|half_open) for every target (idemproxy_circuit_state)."""
+        return [(redact_url(t.url), t.breaker.state if t.breaker else CLOSED) for t in self.targets]
 
     def circuit_labels(self) -> list[tuple[str, str]]:
         """(target label, state) for idemproxy_circuit_state: never the URL (userinfo)."""
@@ -234,7 +235,7 @@ class Upstream:
         seconds until a probe."""
         return [
             {
-                "url": t.url,
+                "url": redact_url(t.url),
                 "weight": t.weight,
                 "healthy": t.healthy,
                 "circuit": t.breaker.state if t.breaker else None,

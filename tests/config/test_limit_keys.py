@@ -23,6 +23,7 @@ def test_defaults_are_the_documented_ones() -> None:
         "body_timeout": "30s",
         "write_timeout": "30s",
         "max_connections": 4096,
+        "max_json_depth": 128,
     }
 
 
@@ -39,6 +40,8 @@ def test_units() -> None:
         ("body_timeout", 0, "Input should be greater than 0"),
         ("write_timeout", "0ms", "Input should be greater than 0"),
         ("max_connections", 0, "Input should be greater than or equal to 1"),
+        ("max_json_depth", 0, "Input should be greater than or equal to 1"),
+        ("max_json_depth", 100_001, "Input should be less than or equal to 100000"),
     ],
 )
 def test_values_that_would_switch_a_limit_off_are_refused(

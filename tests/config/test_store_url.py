@@ -1,7 +1,8 @@
 import pytest
 
 from proxy.config import ConfigError, parse
-from proxy.config.store_url import parse_url, redact
+from proxy.config.store_url import parse_url
+from proxy.config.urls import redact_url
 from tests.support.proxy_process import base_config
 
 
@@ -47,7 +48,7 @@ def test_tls_options() -> None:
 
 
 def test_messages_never_show_credentials() -> None:
-    assert redact("redis://user:secret@h:1/0") == "redis://***@h:1/0"
+    assert redact_url("redis://user:secret@h:1/0") == "redis://***@h:1/0"
     with pytest.raises(ValueError, match=r"\*\*\*@h") as error:
         parse_url("redis://user:secret@h/x")
     assert "secret" not in str(error.value)

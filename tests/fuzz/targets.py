@@ -13,7 +13,7 @@ from ipaddress import ip_address, ip_network
 from proxy.config import ConfigError, loads
 from proxy.http import headers, path
 from proxy.http.request_checks import check_request
-from proxy.idempotency import keys
+from proxy.idempotency import fingerprint, jcs, jcs_stream, keys
 from proxy.observability import tracing
 
 _HEX = re.compile(r"[0-9a-f]+")
@@ -153,10 +153,41 @@ def config(data: bytes) -> None:
     assert all(isinstance(p, str) and p for p in problems)
 
 
+def _canonical(data: bytes, max_depth: int) -> bytes | str:
+    out = bytearray()
+    try:
+        jcs_stream.canonicalise(data, out.extend, max_depth)
+    except jcs.NotCanonical:
+        return "as received"
+    except jcs.JsonTooDeep:
+        return "too deep"
+    return bytes(out)
+
+
+def json_fingerprint(data: bytes) -> None:
+    """Any body as JSON: a 40-hex fingerprint or JsonTooDeep, never another error; the orjson
+    path agrees with the tokenizer, and a canonical text is its own canonical form."""
+    max_depth = 8 if data[:1] == b" " else 128  # a leading space: try a low limit too
+    try:
+        fp = fingerprint.fingerprint("POST", "/", "", "application/json", data, max_depth)
+    except jcs.JsonTooDeep:
+        fp = None
+    canonical = _canonical(data, max_depth)
+    assert (fp is None) == (canonical == "too deep")
+    if fp is not None:
+        assert len(fp) == 40 and _HEX.fullmatch(fp)
+    fast = jcs.fast(data, max_depth)
+    if fast is not None:
+        assert fast == canonical
+    if isinstance(canonical, bytes):
+        assert _canonical(canonical, max_depth) == canonical
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "traceparent": traceparent,
     "idempotency_key": idempotency_key,
     "header_filter": header_filter,
     "request_path": request_path,
     "config": config,
+    "json_fingerprint": json_fingerprint,
 }

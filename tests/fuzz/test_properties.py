@@ -175,3 +175,20 @@ def test_config_parse_one_bad_leaf(path: tuple[Any, ...], value: Any) -> None:
 def test_config_text_round_trip(data: Any) -> None:
     """The text loader (YAML errors included) has the same contract as parse."""
     targets.config(yaml.safe_dump(data).encode())
+
+
+json_ish = st.lists(
+    st.sampled_from([
+        "[", "]", "{", "}", ",", ":", " ", '"', "\\", "\\u", "d83d", "\\ude00", "0", "1", "-",
+        ".", "e", "E", "+", "9007199254740993", "1e400", "true", "null", "a", "\u00e9",
+        "\U0001f600", "\ue000", '"a":', '"a":1,"a":2', "\x00", "\xff",
+    ]),
+    max_size=40,
+).map(lambda parts: "".join(parts).encode("utf-8", "surrogatepass"))
+
+
+@FAST
+@given(json_ish)
+def test_any_body_fingerprints_as_json_or_is_too_deep(body: bytes) -> None:
+    targets.json_fingerprint(body)
+    targets.json_fingerprint(b" " + body)

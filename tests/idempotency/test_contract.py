@@ -66,6 +66,33 @@ async def test_retry_replays_status_body_and_allowed_headers(
     assert upstream.count == 1
 
 
+@pytest.mark.parametrize("upstream_via", [None, "1.0 backend-cache"])
+@pytest.mark.parametrize("replayed", [[], ["Via"]])
+async def test_replay_carries_the_same_via_as_the_original(
+    idem_proxy: IdemProxy, upstream: RecordingUpstream, upstream_via: str | None,
+    replayed: list[str],
+) -> None:
+    """A replay passed through the proxy like the original did (RFC 9110 §7.6.3), whether or
+    not the route stores the upstream's own Via."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.Response(status=201, text="made")
+        if upstream_via is not None:
+            response.headers["Via"] = upstream_via
+        return response
+
+    upstream.respond = answer
+    proxy = await idem_proxy(replay_headers=replayed)
+    headers = key()
+    first = await proxy.post("/v1/payments", data=b"x", headers=headers)
+    again = await proxy.post("/v1/payments", data=b"x", headers=headers)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert first.headers.getall("Via")[-1] == again.headers.getall("Via")[-1] == "1.1 idemproxy"
+    if replayed or upstream_via is None:  # else the upstream's Via is not stored
+        assert again.headers.getall("Via") == first.headers.getall("Via")
+    assert upstream.count == 1
+
+
 async def test_key_is_forwarded_unchanged(
     idem_proxy: IdemProxy, upstream: RecordingUpstream
 ) -> None:
