@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy.config import Config
+from proxy.http.context import IdempotencyOutcome
 from proxy.observability import logsink
 
 # OpenTelemetry's advisory buckets for http.server.request.duration, in seconds.
@@ -35,7 +36,7 @@ METHODS = frozenset(
 OTHER_METHOD = "_OTHER"
 # Series created up front for routes that accept any method.
 COMMON_METHODS = ("GET", "POST")
-OUTCOMES = ("miss", "replay", "conflict", "mismatch", "bypass", "indeterminate", "store_error")
+OUTCOMES = tuple(IdempotencyOutcome)
 RELOAD_RESULTS = ("success", "failure", "unchanged")
 NO_ROUTE = ""
 """`route` label of requests that matched no route (404, rejections before routing)."""

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.config import Limits
 from proxy.http import body
-from proxy.http.context import Exchange, Handler, Payload, RequestContext
+from proxy.http.context import Exchange, Handler, Payload, RequestContext, UpstreamOutcome
 from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
@@ -69,7 +69,7 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
             ctx.upstream_duration = time.perf_counter() - started
             return _failed(ctx, exc)
         ctx.upstream_duration = time.perf_counter() - started
-        ctx.upstream_outcome = "answered"
+        ctx.upstream_outcome = UpstreamOutcome.ANSWERED
         return await _relay(ctx, response, limits.write_timeout)
 
     return forward
@@ -78,9 +78,9 @@ def handler(upstream: Upstream, limits: Limits, trusted: Networks, send: Exchang
 def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
     if isinstance(ctx.request_error, body.BodyError):
         # The client's body failed: the upstream saw a truncated request and must not act on it.
-        ctx.upstream_outcome = "not_sent"
+        ctx.upstream_outcome = UpstreamOutcome.NOT_SENT
         return body_problem(ctx, ctx.request_error)
-    ctx.upstream_outcome = "ambiguous" if exc.sent else "not_sent"
+    ctx.upstream_outcome = UpstreamOutcome.AMBIGUOUS if exc.sent else UpstreamOutcome.NOT_SENT
     ctx.error_type = exc.error_type
     wait = exc.retry_after
     headers = () if wait is None else (("Retry-After", str(max(1, math.ceil(wait)))),)
@@ -128,8 +128,10 @@ async def _relay(
         # The whole body is here: head and body leave in one write, under one deadline (or
         # none, when the write cannot wait for the client).
         ctx.response_body_size = len(first)
-        if tap is not None and first:
-            tap.feed(first)
+        if tap is not None:
+            if first:
+                tap.feed(first)
+            await tap.commit()
         limit = None if _sends_at_once(ctx, head_size + len(first)) else write_timeout
         try:
             await _deliver(ctx, _send_whole(response, ctx.request, first), limit)
@@ -143,16 +145,20 @@ async def _relay(
             ctx.response_body_size += len(chunk)
             if tap is not None:
                 tap.feed(chunk)
+            if tap is not None and ctx.response_body_size == upstream.content_length:
+                await tap.commit()  # the last byte waits for the record (see BodyTap.commit)
             if writing:
                 writing = await _deliver(ctx, response.write(chunk), write_timeout)
             if not writing and tap is None:
                 break
             chunk = await anext(chunks, b"")
+        if tap is not None:
+            await tap.commit()  # chunked (or cut short by the client): the terminator waits
         if writing:
             await _deliver(ctx, response.write_eof(), write_timeout)
     except UpstreamError as exc:
         # Headers are out: the only honest signal left is to cut the client connection.
-        ctx.upstream_outcome = "ambiguous"
+        ctx.upstream_outcome = UpstreamOutcome.AMBIGUOUS
         ctx.error_type = exc.error_type
         _abort(ctx)
     finally:
