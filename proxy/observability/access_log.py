@@ -143,6 +143,9 @@ class AccessLog:
         outcome = ctx.idempotency_outcome
         if outcome is not None:
             route_metrics.idempotency(outcome)
+        decision = ctx.idempotency_decision
+        if decision is not None:
+            route_metrics.decision(decision)
         error_type = ctx.error_type
         if error_type == "store_unavailable" or outcome == "store_error":
             metrics.store_errors.value += 1

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy.config import Config
-from proxy.http.context import IdempotencyOutcome
+from proxy.http.context import Decision, IdempotencyOutcome
 from proxy.observability import logsink
 
 # OpenTelemetry's advisory buckets for http.server.request.duration, in seconds.
@@ -76,13 +76,14 @@ class Histogram:
 class RouteMetrics:
     """The series of one route, so a request costs a dict lookup and a few additions."""
 
-    __slots__ = ("_idempotency", "_metrics", "_requests", "duration", "name")
+    __slots__ = ("_decisions", "_idempotency", "_metrics", "_requests", "duration", "name")
 
     def __init__(self, metrics: Metrics, name: str, methods: Iterable[str], idempotent: bool):
         self.name = name
         self._metrics = metrics
         self._requests: dict[tuple[str, int], Cell] = {}
         self._idempotency: dict[str, Cell] = {}
+        self._decisions: dict[Decision, Cell] = {}
         self.duration = metrics.request_duration.setdefault(name, Histogram())
         for method in methods:
             for status_class in range(2, 6):
@@ -90,6 +91,8 @@ class RouteMetrics:
         if idempotent:
             for outcome in OUTCOMES:
                 self._idempotency_cell(outcome)
+            for decision in Decision:
+                self._decision_cell(decision)
 
     def request(self, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:
@@ -108,6 +111,18 @@ class RouteMetrics:
                 return
             cell = self._idempotency_cell(outcome)
         cell.value += 1
+
+    def decision(self, decision: Decision) -> None:
+        cell = self._decisions.get(decision)
+        if cell is None:
+            cell = self._decision_cell(decision)
+        cell.value += 1
+
+    def _decision_cell(self, decision: Decision) -> Cell:
+        cell = self._decisions[decision] = self._metrics.decisions.setdefault(
+            (self.name, decision), Cell()
+        )
+        return cell
 
     def _request_cell(self, method: str, status_class: int) -> Cell:
         key = (self.name, method, f"{status_class}xx")
@@ -131,6 +146,7 @@ class Metrics:
         self.request_duration: dict[str, Histogram] = {}
         self.upstream_duration: dict[str, Histogram] = {}
         self.idempotency: dict[tuple[str, str], Cell] = {}
+        self.decisions: dict[tuple[str, str], Cell] = {}
         self.store_errors = Cell()
         self.inflight = Cell()
         self.connections_rejected = Cell()
@@ -203,6 +219,13 @@ class Metrics:
             "Idempotency decisions, by route and outcome.",
             ["route", "outcome"],
             list(self.idempotency.items()),
+        )
+        yield _counters(
+            "idemproxy_idempotency_decisions",
+            "How claimed requests ended, by route: complete (executed, answer stored for "
+            "replay), release (not sent or a try-again answer), indeterminate (may have run).",
+            ["route", "decision"],
+            list(self.decisions.items()),
         )
         yield CounterMetricFamily(
             "idemproxy_store_errors",

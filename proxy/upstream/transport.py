@@ -127,6 +127,10 @@ class AiohttpTransport:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
+        # aiohttp resends GET, HEAD, OPTIONS, TRACE, PUT and DELETE once when a reused
+        # connection drops, keyed or not; it has no per-request rule, so never (the attribute
+        # aiohttp's own test client clears). See proxy.upstream.resend.
+        self._session._retry_connection = False
 
     async def send(
         self,
