@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import health
+from proxy.admin import health, keys
 from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
@@ -267,7 +267,11 @@ async def serve(config: Config, path: str, role: WorkerRole | None = None) -> No
     server = data_server(plane, config)
     data_runner = web.ServerRunner(server, handle_signals=False)
     admin = AdminThread(
-        admin_app(plane.probes, lifecycle.actions(), plane.runtime.metrics.handle),
+        admin_app(
+            plane.probes,
+            {**lifecycle.actions(), **keys.for_plane(plane, asyncio.get_running_loop()).actions()},
+            plane.runtime.metrics.handle,
+        ),
         config.admin.host,
         config.admin.port,
         role.admin_socket if role is not None else None,
