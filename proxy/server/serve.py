@@ -32,7 +32,7 @@ from proxy.server import reload
 from proxy.server.lifecycle import Lifecycle
 from proxy.server.reload import Reloader
 from proxy.server.worker_role import WorkerRole
-from proxy.stores import Store, StoreError, open_store
+from proxy.stores import MemoryStore, Store, StoreError, open_store
 from proxy.upstream.breaker import STATE_VALUES
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
@@ -196,8 +196,16 @@ def data_server(plane: DataPlane, config: Config) -> _Server:
 
 
 async def check_store(store: Store) -> None:
-    """Warn when Redis may evict records: an evicted record is a forgotten key, so a retry
-    would run again."""
+    """Warn when records may be forgotten (Redis may evict them; the memory store loses them
+    with the process): a forgotten key's retry runs again."""
+    if isinstance(store, MemoryStore):
+        emit(
+            "store_memory",
+            "warning",
+            detail="memory store: records live in this process only; keys claimed before a "
+            "restart are forgotten and their retries run again (use redis:// to keep them)",
+        )
+        return
     try:
         policy = await store.eviction_policy()
     except StoreError as exc:

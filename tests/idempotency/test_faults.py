@@ -238,6 +238,20 @@ async def test_startup_warns_when_redis_may_evict(
     assert events[0]["maxmemory_policy"] == "allkeys-lru"
 
 
+async def test_startup_warns_that_the_memory_store_forgets_on_restart(
+    proxy_process: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """Issue 13: a memory-store restart forgets every key; each start says so in an event."""
+    proxy = proxy_process(idem_config(upstream.url, "memory://"))
+
+    async def warned() -> list[dict[str, Any]]:
+        return [e for e in proxy.json_lines() if e.get("event") == "store_memory"]
+
+    (event,) = await eventually(warned, 5, "the store_memory event")
+    assert event["level"] == "warning"
+    assert "restart" in event["detail"]
+
+
 async def closed(port: int) -> None:
     """Wait until the port refuses new connections."""
     loop = asyncio.get_running_loop()
