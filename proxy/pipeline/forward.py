@@ -128,15 +128,13 @@ async def _relay(
         # The whole body is here: head and body leave in one write, under one deadline (or
         # none, when the write cannot wait for the client).
         ctx.response_body_size = len(first)
+        upstream.release()  # read to the end: back to the pool, not held over the commit
         if tap is not None:
             if first:
                 tap.feed(first)
-            await tap.commit()
+            await tap.commit()  # before the response leaves (see BodyTap.commit)
         limit = None if _sends_at_once(ctx, head_size + len(first)) else write_timeout
-        try:
-            await _deliver(ctx, _send_whole(response, ctx.request, first), limit)
-        finally:
-            upstream.release()
+        await _deliver(ctx, _send_whole(response, ctx.request, first), limit)
         return response
     writing = await _deliver(ctx, response.prepare(ctx.request), write_timeout)
     try:
