@@ -327,9 +327,10 @@ _NOT_SENT: list[str | int] = ["not_sent"]
 
 
 class Retries(Model):
-    """Off unless present. `attempts` counts the first try. Safe methods (GET, HEAD, OPTIONS)
-    retry on everything in `on`; other methods only with an idempotency claim and only when
-    the request was not sent."""
+    """Off unless present. `attempts` counts the first try. Safe methods (GET, HEAD, OPTIONS,
+    TRACE) without a body and without an idempotency claim retry on everything in `on`; other
+    requests only when nothing was sent, and then only safe methods or claimed requests
+    (proxy.upstream.retry)."""
 
     attempts: int = Field(default=2, ge=1, le=10)
     backoff: Duration = 0.025
