@@ -136,6 +136,10 @@ def stage(
 
     def answer(ctx: RequestContext, record: Record, fp: str) -> web.Response:
         """The answer to a request whose key already has another request's record."""
+        if record.lease_expired_now:  # this claim found the holder dead: said once, here
+            emit("idempotency_lease_expired", "warning", route=route_name,
+                 key_hash=ctx.idempotency_key_hash, holder=record.holder,
+                 detail="the holder of this key stopped before finishing: held indeterminate")
         if record.fingerprint != fp:
             ctx.idempotency_outcome = IdempotencyOutcome.MISMATCH
             return refuse(ctx, 422, "payload-mismatch", "Idempotency-Key reused",
@@ -150,10 +154,6 @@ def stage(
                           _retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER)))
         if record.state == RecordState.INDETERMINATE:
             ctx.idempotency_outcome = IdempotencyOutcome.INDETERMINATE
-            if record.lease_expired_now:
-                emit("idempotency_lease_expired", "warning", route=route_name,
-                     key_hash=ctx.idempotency_key_hash, holder=record.holder,
-                     detail="the holder of this key stopped before finishing: held indeterminate")
             if hold:  # no Retry-After: nothing changes for this key until an operator acts
                 return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
                               INDETERMINATE_DETAIL, "idempotency_indeterminate")

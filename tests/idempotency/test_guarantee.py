@@ -147,7 +147,16 @@ async def drive(urls: Callable[[int], str], chaos: Callable[[Run], Awaitable[Non
     return run
 
 
-def verify(run: Run, ledger: Ledger, topology: str) -> None:
+def lease_expiries(*proxies: ProxyProcess) -> int:
+    """Keys whose holder died and were then held (idempotency_lease_expired events)."""
+    return sum(
+        line.get("event") == "idempotency_lease_expired"
+        for proxy in proxies
+        for line in proxy.json_lines()
+    )
+
+
+def verify(run: Run, ledger: Ledger, topology: str, held_after_a_death: int = 0) -> None:
     outcomes = Counter(op.outcome for op in run.operations)
     executed_keys = set(ledger.executions)
     held_but_ran = sum(
@@ -160,7 +169,7 @@ def verify(run: Run, ledger: Ledger, topology: str) -> None:
         f"indeterminate={outcomes[Outcome.INDETERMINATE]} (of which executed: {held_but_ran}) "
         f"unresolved={outcomes[Outcome.UNRESOLVED]} 503s={run.responses[503]} "
         f"502s={run.responses[502]} 504s={run.responses[504]} 409s={run.responses[409]} "
-        f"connection_errors={run.connection_errors} "
+        f"connection_errors={run.connection_errors} held_after_a_death={held_after_a_death} "
         f"faults={dict(ledger.faults)}"
     )
     assert not run.unexpected, run.unexpected[:5]
@@ -195,10 +204,33 @@ async def after(run: Run, finished: int) -> None:
                      f"{finished} operations finished", step=0.05)
 
 
-async def mid_request(ledger: Ledger) -> None:
-    """Wait until the upstream is executing a request right now."""
-    await eventually(lambda: asyncio.sleep(0, ledger.in_progress > 0), 30,
-                     "a request in progress upstream", step=0.005)
+async def holder_of_a_request(ledger: Ledger, pids: list[int]) -> int:
+    """The pid of a proxy process (or worker) that is waiting for the upstream right now."""
+
+    async def found() -> int:
+        ports = ledger.fresh_requests(UPSTREAM_TIMEOUT / 2)
+        return next((pid for pid in pids if _local_ports(pid) & set(ports)), 0)
+
+    return await eventually(found, 30, "a proxy waiting for the upstream", step=0.005)
+
+
+def _local_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets process `pid` holds (from /proc)."""
+    try:
+        inodes = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+        }
+    except OSError:  # gone, or an fd closed while listed
+        return set()
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def durable_redis(redis_server: StartRedis) -> RedisServer:
@@ -240,7 +272,8 @@ async def test_redis_paused_and_restarted(
         finally:
             redis.resume()
         await after(run, OPERATIONS // 2)
-        await mid_request(ledger)
+        await eventually(lambda: asyncio.sleep(0, ledger.fresh_requests(0.1)), 30,
+                         "a request in progress", step=0.005)
         await asyncio.to_thread(redis.restart)
 
     run = await drive(lambda _: proxy.url, redis_faults)
@@ -257,13 +290,16 @@ async def test_two_replicas_one_killed_mid_request(
     async def kill_and_restart(run: Run) -> None:
         for threshold in (OPERATIONS // 4, OPERATIONS // 2):
             await after(run, threshold)
-            await mid_request(ledger)
-            replicas[0].kill()
-            await asyncio.to_thread(replicas[0].start)
+            pids = [replica.process.pid for replica in replicas if replica.process is not None]
+            pid = await holder_of_a_request(ledger, pids)
+            (victim,) = (r for r in replicas if r.process is not None and r.process.pid == pid)
+            victim.kill()
+            await asyncio.to_thread(victim.start)
 
     # Each attempt goes to the other replica: a retry usually lands where the first did not.
     run = await drive(lambda tries: replicas[tries % 2].url, kill_and_restart)
-    verify(run, ledger, "two replicas")
+    verify(run, ledger, "two replicas", lease_expiries(*replicas))
+    assert lease_expiries(*replicas) >= 1, "no killed holder's key was found held"
 
 
 def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
@@ -284,17 +320,19 @@ async def test_two_workers_one_killed_mid_request(
     async def kill_a_worker(run: Run) -> None:
         for threshold in (OPERATIONS // 4, OPERATIONS // 2):
             await after(run, threshold)
-            await mid_request(ledger)
-            killed = worker_pids(proxy)[0]
+            workers = worker_pids(proxy)
+            killed = await holder_of_a_request(ledger, list(workers.values()))
             os.kill(killed, signal.SIGKILL)
+            index = next(i for i, pid in workers.items() if pid == killed)
 
-            async def restarted(killed: int = killed) -> bool:
-                return worker_pids(proxy).get(0) not in (None, killed)
+            async def restarted(index: int = index, killed: int = killed) -> bool:
+                return worker_pids(proxy).get(index) not in (None, killed)
 
-            await eventually(restarted, 30, "worker 0 restarted", step=0.05)
+            await eventually(restarted, 30, "the worker restarted", step=0.05)
 
     run = await drive(lambda _: proxy.url, kill_a_worker)
-    verify(run, ledger, "workers: 2")
+    verify(run, ledger, "workers: 2", lease_expiries(proxy))
+    assert lease_expiries(proxy) >= 1, "no killed holder's key was found held"
 
 
 def test_long_mode_is_documented() -> None:

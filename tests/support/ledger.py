@@ -66,6 +66,8 @@ class Ledger:
     bodies: dict[int, bytes] = field(default_factory=dict)
     faults: dict[Fault, int] = field(default_factory=lambda: defaultdict(int))
     in_progress: int = 0
+    # Requests being executed now: the proxy's local port -> when the request arrived.
+    serving: dict[int, float] = field(default_factory=dict)
     url: str = ""
     _server: asyncio.Server | None = None
     _open: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -83,6 +85,12 @@ class Ledger:
                 writer.transport.abort()
             await self._server.wait_closed()
 
+    def fresh_requests(self, younger_than: float) -> list[int]:
+        """The proxy-side ports of requests in progress that arrived less than `younger_than`
+        seconds ago (so their proxy is still waiting for the answer)."""
+        now = asyncio.get_running_loop().time()
+        return [port for port, since in self.serving.items() if now - since < younger_than]
+
     def duplicates(self) -> dict[str, int]:
         return {key: len(runs) for key, runs in self.executions.items() if len(runs) > 1}
 
@@ -95,6 +103,7 @@ class Ledger:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served = 0
+        peer_port = writer.get_extra_info("peername")[1]
         self._open.add(writer)
         try:
             while True:
@@ -108,11 +117,13 @@ class Ledger:
                 fault = self.plan.pick(reused=served > 1)
                 self.faults[fault] += 1
                 self.in_progress += 1
+                self.serving[peer_port] = asyncio.get_running_loop().time()
                 try:
                     if not await self._answer(writer, headers.get("idempotency-key", ""), fault):
                         return
                 finally:
                     self.in_progress -= 1
+                    self.serving.pop(peer_port, None)
         except asyncio.CancelledError:
             return  # the test's loop is closing: a connection handler just ends
         finally:
