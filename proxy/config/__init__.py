@@ -368,6 +368,10 @@ class Idempotency(Model):
     scope: Scope | None = None
     on_concurrent: Literal["reject", "wait"] = "reject"
     wait_timeout: Duration = 10.0
+    # A key whose outcome is unknown (timeout or reset after sending, a holder that died) is
+    # held indeterminate for `ttl` (never run again); `release_after_lease` runs the retry once
+    # the lease is over, for upstreams that deduplicate on the forwarded key themselves.
+    on_indeterminate: Literal["hold", "release_after_lease"] = "hold"
     max_body: Size = 1024 * 1024
     store_5xx: bool = False
     replay_headers: list[HeaderName] = Field(default_factory=list)
@@ -389,8 +393,8 @@ class Quota(Model):
         raise ValueError(f"quota key must be 'client_ip' or 'header:<Name>', got {key!r}")
 
 
-# Methods a retry can never make execute twice (RFC 9110 safe methods).
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Methods a retry can never make execute twice (RFC 9110 §9.2.1 safe methods).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 def _retry_on(value: object) -> object:
@@ -406,9 +410,10 @@ _NOT_SENT: list[str | int] = ["not_sent"]
 
 
 class Retries(Model):
-    """Off unless present. `attempts` counts the first try. Safe methods (GET, HEAD, OPTIONS)
-    retry on everything in `on`; other methods only with an idempotency claim and only when
-    the request was not sent."""
+    """Off unless present. `attempts` counts the first try. Safe methods (GET, HEAD, OPTIONS,
+    TRACE) without a body and without an idempotency claim retry on everything in `on`; other
+    requests only when nothing was sent, and then only safe methods or claimed requests
+    (proxy.upstream.retry)."""
 
     attempts: int = Field(default=2, ge=1, le=10)
     backoff: Duration = 0.025

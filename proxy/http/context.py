@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
@@ -16,12 +17,47 @@ if TYPE_CHECKING:
     from proxy.upstream.transport import UpstreamResponse
 
 
+class UpstreamOutcome(StrEnum):
+    """What the proxy knows about the upstream exchange (the outcome classes of design.md)."""
+
+    NOT_SENT = "not_sent"  # no request byte left: the upstream never saw it
+    ANSWERED = "answered"  # a whole response came back
+    AMBIGUOUS = "ambiguous"  # it may have reached the upstream; nothing tells whether it ran
+
+
+class IdempotencyOutcome(StrEnum):
+    """The access log's `idempotency.outcome` and the `outcome` label of
+    `idemproxy_idempotency_total`."""
+
+    MISS = "miss"  # claimed: this request executes
+    REPLAY = "replay"
+    CONFLICT = "conflict"
+    MISMATCH = "mismatch"
+    BYPASS = "bypass"
+    INDETERMINATE = "indeterminate"
+    STORE_ERROR = "store_error"
+
+
+class Decision(StrEnum):
+    """What finalising a claimed idempotency record did (`decision` label of
+    `idemproxy_idempotency_decisions_total`)."""
+
+    COMPLETE = "complete"  # the answer is stored for replay: the request executed
+    RELEASE = "release"  # deleted: not sent, or a "try again" answer; the retry runs
+    INDETERMINATE = "indeterminate"  # it may have run: the key is held
+
+
 class BodyTap(Protocol):
     """Receives a copy of the response as it streams to the client (used by idempotency)."""
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
 
     def feed(self, chunk: bytes) -> None: ...
+
+    async def commit(self) -> None:
+        """The whole response came from the upstream and only the last write to the client is
+        left: make it durable first, so a retry sent the moment the client has it finds it."""
+        ...
 
 
 @dataclass(slots=True)
@@ -53,14 +89,14 @@ class RequestContext:
     # The `target` label (host:port) of the upstream target that answered or failed last.
     upstream_target: str | None = None
     upstream_duration: float | None = None
-    # "not_sent" | "answered" | "ambiguous": what the proxy knows about the upstream exchange.
-    upstream_outcome: str | None = None
+    upstream_outcome: UpstreamOutcome | None = None
     # How many times the request was sent again after a failed attempt (retry policy).
     resend_count: int = 0
     request_body_size: int = 0
     response_body_size: int = 0
     status: int = 0
-    idempotency_outcome: str | None = None
+    idempotency_outcome: IdempotencyOutcome | None = None
+    idempotency_decision: Decision | None = None
     idempotency_key_hash: str | None = None
     user_hash: str | None = None
     error_type: str | None = None

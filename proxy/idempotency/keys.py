@@ -62,3 +62,12 @@ def storage_key(route: str, identity: str, key: str) -> str:
         digest.update(part.encode("utf-8", "surrogateescape"))
         digest.update(b"\0")
     return digest.hexdigest()[:40]
+
+
+def record_key(
+    hasher: KeyHasher, route: str, key: str, scope_value: str | None
+) -> tuple[str, str]:
+    """(storage key, scope identity) of a raw key and the raw scope header value (None when
+    absent): the one derivation, used by the stage and by the admin lookup."""
+    identity = "" if scope_value is None else hasher.identity(scope_value)
+    return storage_key(route, identity, key), identity

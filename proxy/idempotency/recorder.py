@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+from proxy.http.context import Decision, UpstreamOutcome
 from proxy.http.headers import replay_headers
 from proxy.stores.base import StoredResponse
 
 # "Try again" answers: storing them would make a transient refusal permanent.
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
-COMPLETE = "complete"
-RELEASE = "release"
-INDETERMINATE = "indeterminate"
+
+async def _nothing() -> None:
+    return None
 
 
 class ResponseRecorder:
-    """A BodyTap: keeps the status, the replayable headers and up to `limit` body bytes."""
+    """A BodyTap: keeps the status, the replayable headers and up to `limit` body bytes, and
+    runs `on_commit` once, before the last byte of the response goes to the client."""
 
-    __slots__ = ("_chunks", "_extra", "_limit", "headers", "oversize", "size", "status")
+    __slots__ = (
+        "_chunks", "_extra", "_limit", "headers", "on_commit", "oversize", "size", "status"
+    )
 
     def __init__(self, limit: int, extra: frozenset[str]) -> None:
         self._limit = limit
@@ -26,6 +32,7 @@ class ResponseRecorder:
         self.headers: tuple[tuple[str, str], ...] = ()
         self.size = 0
         self.oversize = False
+        self.on_commit: Callable[[], Awaitable[None]] = _nothing
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.status = status
@@ -41,23 +48,27 @@ class ResponseRecorder:
         else:
             self._chunks.append(chunk)
 
+    async def commit(self) -> None:
+        commit, self.on_commit = self.on_commit, _nothing
+        await commit()
+
     def stored(self) -> StoredResponse:
         if self.oversize:
             return StoredResponse(self.status, (), b"", replayable=False)
         return StoredResponse(self.status, self.headers, b"".join(self._chunks), replayable=True)
 
 
-def decide(upstream_outcome: str | None, status: int, store_5xx: bool) -> str:
-    """complete | release | indeterminate, from what the proxy knows about the exchange.
+def decide(upstream_outcome: UpstreamOutcome | None, status: int, store_5xx: bool) -> Decision:
+    """From what the proxy knows about the exchange.
 
     Not sent: the upstream never saw it, the retry may run. Ambiguous (or unknown, e.g. the
-    handler failed mid-way): the side effect may have happened, so retries are refused until the
-    lease ends. Answered: store it, except "try again" answers and (by default) 5xx.
+    handler failed mid-way): the side effect may have happened, so the key is held
+    indeterminate. Answered: store it, except "try again" answers and (by default) 5xx.
     """
-    if upstream_outcome == "not_sent":
-        return RELEASE
-    if upstream_outcome != "answered":
-        return INDETERMINATE
+    if upstream_outcome == UpstreamOutcome.NOT_SENT:
+        return Decision.RELEASE
+    if upstream_outcome != UpstreamOutcome.ANSWERED:
+        return Decision.INDETERMINATE
     if status in RETRYABLE_4XX or (status >= 500 and not store_5xx):
-        return RELEASE
-    return COMPLETE
+        return Decision.RELEASE
+    return Decision.COMPLETE

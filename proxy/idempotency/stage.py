@@ -2,15 +2,20 @@
 retries from the record (replay, 409 in progress or indeterminate, 422 mismatch).
 
 Per keyed request: one store round trip to claim (which also returns an existing record for
-replay) and one to finalise. Finalisation runs in a shielded task, so it happens even when the
-client goes away; if the store fails then, it is retried in the background until the lease ends.
+replay) and one to finalise. Finalisation runs before the last byte of the response goes to the
+client (so a retry sent the moment the client has its answer finds the record), in a shielded
+task, so it happens even when the client goes away; if the store fails then, the response is
+still delivered and the finalisation retried in the background until the lease ends (after
+which the key is indeterminate).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 
 from aiohttp import web
@@ -19,14 +24,15 @@ from multidict import CIMultiDict
 from proxy.config import Limits, Route
 from proxy.config import Store as StoreConfig
 from proxy.http import body
-from proxy.http.context import Handler, RequestContext
+from proxy.http.context import Decision, Handler, IdempotencyOutcome, RequestContext
 from proxy.http.headers import SERVER, VIA
 from proxy.http.problem import problem
 from proxy.idempotency.fingerprint import fingerprint_off_loop
 from proxy.idempotency.jcs import JsonTooDeep
-from proxy.idempotency.keys import KeyHasher, parse_key, storage_key
-from proxy.idempotency.recorder import COMPLETE, RELEASE, ResponseRecorder, decide
-from proxy.stores.base import IN_FLIGHT, INDETERMINATE, Record, Store, StoreError, StoreTimeout
+from proxy.idempotency.keys import KeyHasher, parse_key, record_key
+from proxy.idempotency.recorder import ResponseRecorder, decide
+from proxy.observability.events import emit
+from proxy.stores.base import Lease, Record, RecordState, Store, StoreError, StoreTimeout
 
 HEADER = "Idempotency-Key"
 # Lease = upstream timeout + this + two store budgets (claim and finalise).
@@ -39,8 +45,20 @@ _background: set[asyncio.Task[None]] = set()
 
 
 # The original may finish at any moment: a duplicate is told to come back soon for the replay,
-# not to wait out the whole lease (an indeterminate key does wait it out: nothing changes sooner).
+# not to wait out the whole lease.
 IN_PROGRESS_RETRY_AFTER = 1.0
+
+INDETERMINATE_DETAIL = (
+    "the original request with this Idempotency-Key reached the upstream but its outcome is "
+    "unknown (timeout, broken connection or a proxy that stopped): the operation may or may not "
+    "have happened. Retrying the same key will not run it again; check the operation's state "
+    "with the service, or ask the operator to release the key"
+)
+
+
+def holder() -> str:
+    """Who holds a claim, for the admin lookup: host and process (a worker is a process)."""
+    return f"{socket.gethostname()}/{os.getpid()}"
 
 
 def lease_for(upstream_timeout: float, store_timeout: float) -> float:
@@ -113,6 +131,8 @@ def stage(
         policy.required, policy.ttl, policy.max_body, policy.store_5xx
     )
     wait_timeout = policy.wait_timeout if policy.on_concurrent == "wait" else None
+    hold = policy.on_indeterminate == "hold"
+    terms = Lease(lease, ttl, hold, holder())
 
     def refuse(ctx: RequestContext, status: int, slug: str, title: str, detail: str,
                error_type: str, headers: list[tuple[str, str]] | None = None) -> web.Response:
@@ -121,45 +141,54 @@ def stage(
 
     def answer(ctx: RequestContext, record: Record, fp: str) -> web.Response:
         """The answer to a request whose key already has another request's record."""
+        if record.lease_expired_now:  # this claim found the holder dead: said once, here
+            emit("idempotency_lease_expired", "warning", route=route_name,
+                 key_hash=ctx.idempotency_key_hash, holder=record.holder,
+                 detail="the holder of this key stopped before finishing: held indeterminate")
         if record.fingerprint != fp:
-            ctx.idempotency_outcome = "mismatch"
+            ctx.idempotency_outcome = IdempotencyOutcome.MISMATCH
             return refuse(ctx, 422, "payload-mismatch", "Idempotency-Key reused",
                           "this Idempotency-Key was used for a different request (method, path, "
                           "query or body); use a new key for a new operation",
                           "idempotency_mismatch")
-        if record.state == IN_FLIGHT:
-            ctx.idempotency_outcome = "conflict"
+        if record.state == RecordState.IN_FLIGHT:
+            ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
             return refuse(ctx, 409, "in-progress", "Request in progress",
                           "a request with this Idempotency-Key is still being processed; retry "
                           "with the same key after Retry-After", "idempotency_in_progress",
-                          _retry_after(min(record.remaining, IN_PROGRESS_RETRY_AFTER)))
-        if record.state == INDETERMINATE:
-            ctx.idempotency_outcome = "indeterminate"
+                          _retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER)))
+        if record.state == RecordState.INDETERMINATE:
+            ctx.idempotency_outcome = IdempotencyOutcome.INDETERMINATE
+            if hold:  # no Retry-After: nothing changes for this key until an operator acts
+                return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
+                              INDETERMINATE_DETAIL, "idempotency_indeterminate")
             return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
-                          "the original request reached the upstream but its outcome is unknown "
-                          "(timeout or broken connection); it is not run again before "
-                          "Retry-After", "idempotency_indeterminate",
-                          _retry_after(record.remaining))
+                          "the original request with this Idempotency-Key reached the upstream "
+                          "but its outcome is unknown; this route runs it again after "
+                          "Retry-After (on_indeterminate: release_after_lease)",
+                          "idempotency_indeterminate", _retry_after(record.lease_remaining))
         stored = record.response
         assert stored is not None
         if not stored.replayable:
-            ctx.idempotency_outcome = "conflict"
+            ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
             return refuse(ctx, 422, "response-not-replayable", "Response not replayable",
                           f"the request already ran (status {stored.status}) but its response "
                           f"was not stored for replay (larger than {max_body} bytes, or the "
                           "memory store was near store.max_bytes)",
                           "idempotency_not_replayable")
-        ctx.idempotency_outcome = "replay"
+        ctx.idempotency_outcome = IdempotencyOutcome.REPLAY
         return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)
 
     async def finalise(ctx: RequestContext, recorder: ResponseRecorder, key: str, token: str,
                        lease_end: float) -> None:
-        decision = decide(ctx.upstream_outcome, recorder.status, store_5xx)
+        decision = ctx.idempotency_decision = decide(
+            ctx.upstream_outcome, recorder.status, store_5xx
+        )
         op: Callable[[], Awaitable[bool]]
-        if decision == COMPLETE:
+        if decision == Decision.COMPLETE:
             stored = recorder.stored()
             op = lambda: store.complete(key, token, stored, ttl)  # noqa: E731
-        elif decision == RELEASE:
+        elif decision == Decision.RELEASE:
             op = lambda: store.release(key, token)  # noqa: E731
         else:
             op = lambda: store.mark_indeterminate(key, token)  # noqa: E731
@@ -172,16 +201,21 @@ def stage(
     async def execute(ctx: RequestContext, key: str, token: str) -> web.StreamResponse:
         lease_end = asyncio.get_running_loop().time() + lease
         recorder = ResponseRecorder(max_body, extra)
+
+        async def commit() -> None:
+            # Shielded: a cancelled handler must still leave a finished record behind.
+            await asyncio.shield(_track(finalise(ctx, recorder, key, token, lease_end)))
+
+        recorder.on_commit = commit
         ctx.tap = recorder
         try:
             return await next_handler(ctx)
         finally:
-            # Shielded: a cancelled handler must still leave a finished record behind.
-            await asyncio.shield(_track(finalise(ctx, recorder, key, token, lease_end)))
+            await recorder.commit()  # when forward did not (an error answer, a cut response)
 
     async def store_failed(ctx: RequestContext, exc: StoreError, key: str, token: str
                            ) -> web.StreamResponse:
-        ctx.idempotency_outcome = "store_error"
+        ctx.idempotency_outcome = IdempotencyOutcome.STORE_ERROR
         if isinstance(exc, StoreTimeout):  # our claim may still land: take it back
             lease_end = asyncio.get_running_loop().time() + lease
             _spawn(_until_lease_end(lambda: store.release(key, token), lease_end))
@@ -204,7 +238,7 @@ def stage(
                               f"{request.method} requests on this route need an Idempotency-Key "
                               "header; generate one per operation and reuse it for retries",
                               "idempotency_key_missing")
-            ctx.idempotency_outcome = "bypass"
+            ctx.idempotency_outcome = IdempotencyOutcome.BYPASS
             return await next_handler(ctx)
         key = parse_key(values[0]) if len(values) == 1 else None
         if key is None:
@@ -220,14 +254,11 @@ def stage(
                 response.force_close()
                 return response
         ctx.body = payload
-        identity = ""
-        if scope_header is not None:
-            scope_value = request.headers.get(scope_header)
-            if scope_value is not None:
-                identity = hasher.identity(scope_value)
-                ctx.user_hash = hasher.log_hash(identity)
-        record_key = storage_key(route_name, identity, key)
-        ctx.idempotency_key_hash = hasher.log_hash(record_key)
+        scope_value = None if scope_header is None else request.headers.get(scope_header)
+        storage, identity = record_key(hasher, route_name, key, scope_value)
+        if identity:
+            ctx.user_hash = hasher.log_hash(identity)
+        ctx.idempotency_key_hash = hasher.log_hash(storage)
         try:
             fp = await fingerprint_off_loop(
                 request.method,
@@ -248,13 +279,14 @@ def stage(
         poll = FIRST_POLL
         while True:
             try:
-                record = await store.claim(record_key, token, fp, lease)
+                record = await store.claim(storage, token, fp, terms)
             except StoreError as exc:
-                return await store_failed(ctx, exc, record_key, token)
+                return await store_failed(ctx, exc, storage, token)
             if record is None:
-                ctx.idempotency_outcome = "miss"
-                return await execute(ctx, record_key, token)
-            if record.state != IN_FLIGHT or record.fingerprint != fp or wait_timeout is None:
+                ctx.idempotency_outcome = IdempotencyOutcome.MISS
+                return await execute(ctx, storage, token)
+            if (record.state != RecordState.IN_FLIGHT or record.fingerprint != fp
+                    or wait_timeout is None):
                 return answer(ctx, record, fp)
             # on_concurrent: wait. Claiming again both polls and takes over a released key.
             now = asyncio.get_running_loop().time()

@@ -190,6 +190,9 @@ class AccessLog:
         outcome = ctx.idempotency_outcome
         if outcome is not None:
             route_metrics.idempotency(outcome)
+        decision = ctx.idempotency_decision
+        if decision is not None:
+            route_metrics.decision(decision)
         error_type = ctx.error_type
         # The upstream answered when its status reached the client (even if the body broke).
         if ctx.upstream_outcome is None or not ctx.status:

@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import (
 
 from proxy import __version__
 from proxy.config import Config
+from proxy.http.context import Decision, IdempotencyOutcome
 from proxy.observability import logsink
 from proxy.observability.answers import STATUS_OUTCOMES, ProxyReason, TargetOutcome
 
@@ -39,7 +40,7 @@ METHODS = frozenset(
 OTHER_METHOD = "_OTHER"
 # Series created up front for routes that accept any method.
 COMMON_METHODS = ("GET", "POST")
-OUTCOMES = ("miss", "replay", "conflict", "mismatch", "bypass", "indeterminate", "store_error")
+OUTCOMES = tuple(IdempotencyOutcome)
 RELOAD_RESULTS = ("success", "failure", "unchanged")
 NO_ROUTE = ""
 """`route` label of requests that matched no route (404, rejections before routing)."""
@@ -79,7 +80,15 @@ class Histogram:
 class RouteMetrics:
     """The series of one route, so a request costs a dict lookup and a few additions."""
 
-    __slots__ = ("_idempotency", "_metrics", "_proxy", "_requests", "duration", "name")
+    __slots__ = (
+        "_decisions",
+        "_idempotency",
+        "_metrics",
+        "_proxy",
+        "_requests",
+        "duration",
+        "name",
+    )
 
     def __init__(self, metrics: Metrics, name: str, methods: Iterable[str], idempotent: bool):
         self.name = name
@@ -91,6 +100,7 @@ class RouteMetrics:
             reason: metrics.proxy_responses.setdefault((name, reason), Cell())
             for reason in ProxyReason
         }
+        self._decisions: dict[Decision, Cell] = {}
         self.duration = metrics.request_duration.setdefault(name, Histogram())
         for method in methods:
             for status_class in range(2, 6):
@@ -98,6 +108,8 @@ class RouteMetrics:
         if idempotent:
             for outcome in OUTCOMES:
                 self._idempotency_cell(outcome)
+            for decision in Decision:
+                self._decision_cell(decision)
 
     def request(self, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:
@@ -119,6 +131,18 @@ class RouteMetrics:
                 return
             cell = self._idempotency_cell(outcome)
         cell.value += 1
+
+    def decision(self, decision: Decision) -> None:
+        cell = self._decisions.get(decision)
+        if cell is None:
+            cell = self._decision_cell(decision)
+        cell.value += 1
+
+    def _decision_cell(self, decision: Decision) -> Cell:
+        cell = self._decisions[decision] = self._metrics.decisions.setdefault(
+            (self.name, decision), Cell()
+        )
+        return cell
 
     def _request_cell(self, method: str, status_class: int) -> Cell:
         key = (self.name, method, f"{status_class}xx")
@@ -173,6 +197,7 @@ class Metrics:
         self.target_duration: dict[tuple[str, str], Histogram] = {}
         self.target_inflight: dict[tuple[str, str], Cell] = {}
         self.protocol_violations: dict[tuple[str, str], Cell] = {}
+        self.decisions: dict[tuple[str, str], Cell] = {}
         self.store_errors = Cell()
         self.inflight = Cell()
         self.connections_rejected = Cell()
@@ -305,6 +330,13 @@ class Metrics:
             "Upstream connections discarded for bytes outside a response's framing, by reason.",
             ["upstream", "reason"],
             list(self.protocol_violations.items()),
+        )
+        yield _counters(
+            "idemproxy_idempotency_decisions",
+            "How claimed requests ended, by route: complete (executed, answer stored for "
+            "replay), release (not sent or a try-again answer), indeterminate (may have run).",
+            ["route", "decision"],
+            list(self.decisions.items()),
         )
         yield CounterMetricFamily(
             "idemproxy_store_errors",

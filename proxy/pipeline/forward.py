@@ -15,7 +15,14 @@ from aiohttp import hdrs, web
 
 from proxy.config import Limits, UpstreamHost
 from proxy.http import body
-from proxy.http.context import CLIENT_LOST, Exchange, Handler, Payload, RequestContext
+from proxy.http.context import (
+    CLIENT_LOST,
+    Exchange,
+    Handler,
+    Payload,
+    RequestContext,
+    UpstreamOutcome,
+)
 from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
@@ -102,7 +109,7 @@ def handler(
             response = await send(ctx, request.method, target, headers, payload)
             ctx.upstream_duration = time.perf_counter() - started
             ctx.upstream_target = served_by(response)
-            ctx.upstream_outcome = "answered"
+            ctx.upstream_outcome = UpstreamOutcome.ANSWERED
             return await _relay(ctx, response, limits.write_timeout)
         except UpstreamError as exc:
             ctx.upstream_duration = time.perf_counter() - started
@@ -111,7 +118,7 @@ def handler(
         except asyncio.CancelledError:
             if ctx.upstream_outcome is None and ctx.client_disconnected:
                 ctx.upstream_duration = time.perf_counter() - started
-                ctx.upstream_outcome = "ambiguous"  # it may have reached the upstream
+                ctx.upstream_outcome = UpstreamOutcome.AMBIGUOUS  # it may have reached the upstream
             raise
         finally:
             if abortable:
@@ -139,9 +146,9 @@ def _aborter(ctx: RequestContext) -> Callable[[], None]:
 def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
     if isinstance(ctx.request_error, body.BodyError):
         # The client's body failed: the upstream saw a truncated request and must not act on it.
-        ctx.upstream_outcome = "not_sent"
+        ctx.upstream_outcome = UpstreamOutcome.NOT_SENT
         return body_problem(ctx, ctx.request_error)
-    ctx.upstream_outcome = "ambiguous" if exc.sent else "not_sent"
+    ctx.upstream_outcome = UpstreamOutcome.AMBIGUOUS if exc.sent else UpstreamOutcome.NOT_SENT
     ctx.error_type = exc.error_type
     wait = exc.retry_after
     headers = () if wait is None else (("Retry-After", str(max(1, math.ceil(wait)))),)
@@ -197,21 +204,25 @@ async def _relay(
     if not first or len(first) == upstream.content_length:
         # The whole body is here: head and body leave in one write, under one deadline (or
         # none, when the write cannot wait for the client).
-        if tap is not None and first:
-            tap.feed(first)
+        upstream.release()  # read to the end: back to the pool, not held over the commit
+        if tap is not None:
+            if first:
+                tap.feed(first)
+            await tap.commit()  # before the response leaves (see BodyTap.commit)
         limit = None if _sends_at_once(ctx, head_size + len(first)) else write_timeout
-        try:
-            if await _deliver(ctx, _send_whole(response, ctx.request, first), limit):
-                ctx.response_body_size = len(first)
-        finally:
-            upstream.release()
+        if await _deliver(ctx, _send_whole(response, ctx.request, first), limit):
+            ctx.response_body_size = len(first)
         return response
     writing = await _deliver(ctx, response.prepare(ctx.request), write_timeout)
     try:
         chunk = first
+        received = 0  # from the upstream; ctx.response_body_size counts what the client took
         while chunk:
+            received += len(chunk)
             if tap is not None:
                 tap.feed(chunk)
+                if received == upstream.content_length:
+                    await tap.commit()  # the last byte waits for the record (BodyTap.commit)
             if writing:
                 writing = await _deliver(ctx, response.write(chunk), write_timeout)
                 if writing:
@@ -220,11 +231,13 @@ async def _relay(
             if not writing and tap is None:
                 break
             chunk = await anext(chunks, b"")
+        if tap is not None:
+            await tap.commit()  # chunked (or cut short by the client): the terminator waits
         if writing:
             await _deliver(ctx, response.write_eof(), write_timeout)
     except UpstreamError as exc:
         # Headers are out: the only honest signal left is to cut the client connection.
-        ctx.upstream_outcome = "ambiguous"
+        ctx.upstream_outcome = UpstreamOutcome.AMBIGUOUS
         ctx.error_type = exc.error_type
         _abort(ctx)
     finally:

@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import auth, health
+from proxy.admin import auth, health, keys
 from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
@@ -207,8 +207,16 @@ def data_server(plane: DataPlane, config: Config) -> _Server:
 
 
 async def check_store(store: Store) -> None:
-    """Warn when Redis may evict records: an evicted record is a forgotten key, so a retry
-    would run again."""
+    """Warn when records may be forgotten (Redis may evict them; the memory store loses them
+    with the process): a forgotten key's retry runs again."""
+    if isinstance(store, MemoryStore):
+        emit(
+            "store_memory",
+            "warning",
+            detail="memory store: records live in this process only; keys claimed before a "
+            "restart are forgotten and their retries run again (use redis:// to keep them)",
+        )
+        return
     try:
         policy = await store.eviction_policy()
     except StoreError as exc:
@@ -289,7 +297,7 @@ async def serve(
     admin = AdminThread(
         admin_app(
             plane.probes,
-            lifecycle.actions(),
+            {**lifecycle.actions(), **keys.for_plane(plane, asyncio.get_running_loop()).actions()},
             plane.runtime.metrics.handle,
             auth.guard(config.admin, admin_token) if role is None else (),
         ),

@@ -29,7 +29,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy import __version__
-from proxy.admin import auth
+from proxy.admin import auth, keys
 from proxy.admin.fleet_metrics import FleetMetrics
 from proxy.admin.health import HEALTH_JSON, ready_text
 from proxy.config import Config
@@ -111,7 +111,9 @@ class Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
 
-    async def ask(self, method: str, path: str, accept: str = "") -> tuple[int, bytes] | None:
+    async def ask(
+        self, method: str, path: str, accept: str = "", body: bytes | None = None
+    ) -> tuple[int, bytes] | None:
         """One request to the worker's admin socket; None when it does not answer."""
         if not self.running:
             return None
@@ -123,7 +125,7 @@ class Worker:
         headers = {"Accept": accept} if accept else {}
         try:
             async with self._session.request(
-                method, "http://worker" + path, headers=headers
+                method, "http://worker" + path, headers=headers, data=body
             ) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, OSError, TimeoutError):
@@ -262,6 +264,7 @@ class Supervisor:
         actions = {
             "/admin/drain": same_origin_only(self._drain_action),
             "/admin/reload": same_origin_only(self._reload_action),
+            **keys.forwarded(self.workers),
         }
         # The workers' sockets need no token: only this process can reach them.
         return admin_app(

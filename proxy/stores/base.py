@@ -1,22 +1,32 @@
 """The idempotency record store: one small protocol, implemented in memory and on Redis.
 
 A record lives under a storage key (a hex digest chosen by the caller) and moves through
-`in_flight` (owned by a random token, expiring with the lease) to `completed` (kept for the
-retention ttl) or `indeterminate` (kept until the lease ends), or is deleted on release.
-Completion and release succeed only for the owner token, so a stale owner whose lease expired
-and was taken over can never overwrite the new record.
+`in_flight` (owned by a random token, with a lease deadline stored in the record) to `completed`
+(kept for the retention ttl) or `indeterminate` (kept for the retention too), or is deleted on
+release. The lease does not end the record: a claim that finds an `in_flight` record whose lease
+ran out (its holder died) turns it `indeterminate` in the same atomic step, unless the route opted
+into `release_after_lease`, where that claim takes the key over instead. Completion and release
+succeed only for the owner token, so a stale owner whose key was taken over can never overwrite
+the new record, while a live but slow owner still completes a record that was declared
+indeterminate meanwhile (its answer is better than "unknown").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
-SCHEMA_VERSION = 1
+# Version 2 added the lease deadline, the holder and the timestamps; version 1 records (no
+# lease deadline: they expire with their lease) are still read.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
 
-IN_FLIGHT = "in_flight"
-COMPLETED = "completed"
-INDETERMINATE = "indeterminate"
+
+class RecordState(StrEnum):
+    IN_FLIGHT = "in_flight"
+    COMPLETED = "completed"
+    INDETERMINATE = "indeterminate"
 
 
 class StoreError(Exception):
@@ -36,33 +46,64 @@ class StoredResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """The terms of a claim, fixed per route at config load.
+
+    `seconds`: how long the holder may take; `retention`: how long the record is kept (the
+    route's `ttl`); `hold`: a claim whose lease ran out becomes indeterminate (True) or may be
+    taken over (False, `on_indeterminate: release_after_lease`); `holder`: who claims (host and
+    pid, shown by the admin lookup)."""
+
+    seconds: float
+    retention: float
+    hold: bool = True
+    holder: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
-    state: str
+    state: RecordState
     token: str
     fingerprint: str
     remaining: float  # seconds until the record expires
     response: StoredResponse | None = None
+    # Seconds left of the holder's lease (0 once it ran out; for in_flight records).
+    lease_remaining: float = 0.0
+    holder: str = ""
+    created: float = 0.0  # epoch seconds of the claim (0 when unknown: version 1)
+    # True on the one claim that found the holder's lease run out and made the record
+    # indeterminate (for the event line; every later reader sees a plain indeterminate record).
+    lease_expired_now: bool = False
 
 
 class Store(Protocol):
-    async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> Record | None:
-        """Create an in-flight record owned by `token` for `lease` seconds and return None, or
-        return the record already there. Claiming again with the same token returns None, so a
-        retried claim whose first reply was lost recognises its own reservation."""
+    async def claim(self, key: str, token: str, fingerprint: str, lease: Lease) -> Record | None:
+        """Create an in-flight record owned by `token` and return None, or return the record
+        already there (made indeterminate first if its holder's lease ran out and `lease.hold`;
+        taken over, returning None, if it ran out and not `lease.hold`). Claiming again with
+        the same token returns None, so a retried claim whose first reply was lost recognises
+        its own reservation."""
         ...
 
     async def get(self, key: str) -> Record | None: ...
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
-        """Owner only: in_flight -> completed, kept for `ttl` seconds."""
+        """Owner only: in_flight or indeterminate -> completed, kept for `ttl` seconds."""
         ...
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
-        """Owner only: in_flight -> indeterminate, kept until the lease ends."""
+        """Owner only: in_flight -> indeterminate, kept for the retention."""
         ...
 
     async def release(self, key: str, token: str) -> bool:
-        """Owner only: delete an in-flight record so the next request runs."""
+        """Owner only: delete an in-flight record so the next request runs (an indeterminate
+        one stays: only an operator releases it, see `discard`)."""
+        ...
+
+    async def discard(self, key: str) -> tuple[Record | None, bool]:
+        """An operator's release: delete the record unless it is in flight with a live lease
+        (its holder is still working on it). Returns the record as it was and whether it was
+        deleted, decided in one atomic step."""
         ...
 
     async def ping(self) -> float:

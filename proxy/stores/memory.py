@@ -4,7 +4,9 @@ Every operation runs without awaiting, so each is atomic under asyncio. Expiry i
 access and a background sweeper removes expired records. The number of live records and their
 bytes (proxy/stores/budget.py) are bounded: a claim beyond either bound fails (the store is
 full) rather than evicting a record, and a response that does not fit the byte budget is
-recorded as not replayable.
+recorded as not replayable. Leases run on the monotonic clock. The records live and die with
+the process: after a restart every key is unknown again and its retry executes (see
+docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -14,27 +16,25 @@ import heapq
 import time
 
 from proxy.config import DEFAULT_STORE_MAX_BYTES
-from proxy.stores.base import (
-    COMPLETED,
-    IN_FLIGHT,
-    INDETERMINATE,
-    Record,
-    StoredResponse,
-    StoreError,
-)
+from proxy.stores.base import Lease, Record, RecordState, StoredResponse, StoreError
 from proxy.stores.budget import ByteBudget
 
 SWEEP_INTERVAL = 1.0
 
 
 class _Entry:
-    __slots__ = ("expires", "fingerprint", "response", "state", "token")
+    __slots__ = (
+        "created", "expires", "fingerprint", "holder", "lease_until", "response", "state", "token"
+    )
 
-    def __init__(self, token: str, fingerprint: str, expires: float) -> None:
-        self.state = IN_FLIGHT
+    def __init__(self, token: str, fingerprint: str, lease: Lease, now: float) -> None:
+        self.state = RecordState.IN_FLIGHT
         self.token = token
         self.fingerprint = fingerprint
-        self.expires = expires
+        self.lease_until = now + lease.seconds
+        self.holder = lease.holder
+        self.created = time.time()
+        self.expires = 0.0
         self.response: StoredResponse | None = None
 
 
@@ -83,27 +83,46 @@ class MemoryStore:
             await asyncio.sleep(self._sweep_interval)
             self.sweep()
 
-    def _record(self, entry: _Entry, now: float) -> Record:
+    def _record(self, entry: _Entry, now: float, expired_now: bool = False) -> Record:
         return Record(
-            entry.state, entry.token, entry.fingerprint, entry.expires - now, entry.response
+            entry.state,
+            entry.token,
+            entry.fingerprint,
+            entry.expires - now,
+            entry.response,
+            max(0.0, entry.lease_until - now),
+            entry.holder,
+            entry.created,
+            expired_now,
         )
 
-    async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> Record | None:
+    async def claim(self, key: str, token: str, fingerprint: str, lease: Lease) -> Record | None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         now = time.monotonic()
         entry = self._live(key, now)
+        if entry is not None and entry.token != token and entry.lease_until <= now:
+            if not lease.hold and entry.state != RecordState.COMPLETED:
+                entry = None  # release_after_lease: the key is taken over below
+            elif entry.state == RecordState.IN_FLIGHT:
+                entry.state = RecordState.INDETERMINATE  # the holder died: hold the key
+                return self._record(entry, now, expired_now=True)
         if entry is None:
-            if len(self._entries) >= self.max_records or not self.budget.claim_fits():
+            old = self._entries.get(key)  # set when release_after_lease takes a key over
+            if old is None and (
+                len(self._entries) >= self.max_records or not self.budget.claim_fits()
+            ):
                 self.sweep(now)
                 if len(self._entries) >= self.max_records:
                     raise StoreError(f"memory store is full ({self.max_records} records)")
                 if not self.budget.claim_fits():
                     self.budget.refuse_claim()
                     raise StoreError(f"memory store is full ({self.budget.limit} bytes)")
+            if old is not None:
+                self.budget.free(old.response)  # the taken-over record's bytes go back first
             self.budget.claim()
-            entry = self._entries[key] = _Entry(token, fingerprint, 0.0)
-            self._expire_at(key, entry, now + lease)
+            entry = self._entries[key] = _Entry(token, fingerprint, lease, now)
+            self._expire_at(key, entry, now + max(lease.seconds, lease.retention))
             return None
         if entry.token == token:
             return None
@@ -120,27 +139,39 @@ class MemoryStore:
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
         entry = self._owned(key, token)
-        if entry is None or entry.state != IN_FLIGHT:
-            return entry is not None and entry.state == COMPLETED
-        entry.state = COMPLETED
+        if entry is None or entry.state == RecordState.COMPLETED:
+            return entry is not None
+        entry.state = RecordState.COMPLETED
         entry.response = self.budget.keep(response)
         self._expire_at(key, entry, time.monotonic() + ttl)
         return True
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
         entry = self._owned(key, token)
-        if entry is None or entry.state == COMPLETED:
+        if entry is None or entry.state == RecordState.COMPLETED:
             return False
-        entry.state = INDETERMINATE
+        entry.state = RecordState.INDETERMINATE
         return True
 
     async def release(self, key: str, token: str) -> bool:
         entry = self._owned(key, token)
-        if entry is None or entry.state != IN_FLIGHT:
+        if entry is None or entry.state != RecordState.IN_FLIGHT:
             return False
         del self._entries[key]
         self.budget.free(None)
         return True
+
+    async def discard(self, key: str) -> tuple[Record | None, bool]:
+        now = time.monotonic()
+        entry = self._live(key, now)
+        if entry is None:
+            return None, False
+        record = self._record(entry, now)
+        if entry.state == RecordState.IN_FLIGHT and entry.lease_until > now:
+            return record, False
+        del self._entries[key]
+        self.budget.free(entry.response)
+        return record, True
 
     async def ping(self) -> float:
         return 0.0

@@ -21,6 +21,7 @@ from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
 from proxy.upstream.h1_connection import Connection, Report, Violation
 from proxy.upstream.h1_connection import Stale as _Stale
+from proxy.upstream.resend import may_repeat
 from proxy.upstream.transport import (
     UpstreamBroken,
     UpstreamConnectTimeout,
@@ -31,9 +32,7 @@ from proxy.upstream.transport import (
 # Idle connections older than this are closed rather than reused: upstream servers drop idle
 # keep-alive connections after a few seconds, and reusing one as it closes costs a retry.
 IDLE_TIMEOUT = 4.0
-# RFC 9110 §9.2.2: requests with these methods may be resent automatically; so may any request
-# carrying an idempotency key, which the upstream deduplicates (the rule of Go's net/http).
-_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# A request carrying one of these may be under an idempotency claim: never resent.
 _KEY_HEADERS = frozenset({"idempotency-key", "x-idempotency-key"})
 # Methods that carry no body by convention: no `Content-Length: 0` when there is none.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
@@ -141,12 +140,13 @@ class H1Transport:
                     return _Response(self, conn, timer)
                 except _Stale:
                     # The upstream closed an idle connection as we reused it. It most likely
-                    # never read the request, but only a request that may run twice is resent.
+                    # never read the request, but only a request that is safe to run twice is
+                    # resent (proxy.upstream.resend).
                     _abandon(conn, timer)
                     if not may_resend(method, headers, body):
                         raise UpstreamBroken(
                             f"{self._shown} closed a reused connection before answering; "
-                            "not resent: the request is not idempotent"
+                            "not resent: the request is not safe to repeat"
                         ) from None
                     conn = await self._connect(loop, deadline)
                 except BaseException:
@@ -298,9 +298,7 @@ def _abandon(conn: Connection, timer: asyncio.TimerHandle) -> None:
 
 
 def may_resend(method: str, headers: Headers, body: bytes | AsyncIterable[bytes] | None) -> bool:
-    """Whether a request whose connection failed before any answer may be sent again."""
-    if body is not None and not isinstance(body, bytes):
-        return False  # a streamed body is consumed
-    if method in _IDEMPOTENT_METHODS:
-        return True
-    return any(len(name) in (15, 17) and name.lower() in _KEY_HEADERS for name, _ in headers)
+    """Whether a request whose connection failed before any answer may be sent again. The
+    transport cannot see the claim itself; a forwarded Idempotency-Key marks every claimed one."""
+    keyed = any(len(name) in (15, 17) and name.lower() in _KEY_HEADERS for name, _ in headers)
+    return may_repeat(method, body, keyed)

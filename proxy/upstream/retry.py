@@ -2,10 +2,12 @@
 
 A request is sent again only when doing so cannot execute it twice:
 - the body is absent or buffered (`bytes`; a streamed body cannot be replayed);
-- the method is safe (GET, HEAD, OPTIONS): retried on every failure class in `retries.on`;
-- any other method only with an idempotency claim (`ctx.idempotency_outcome == "miss"`) and
-  only when nothing was sent (connect refused, ...), whatever `on` says: an ambiguous failure
-  or an answered 5xx may already have executed it.
+- after a failure that sent nothing (connect refused, ...): a safe method (GET, HEAD, OPTIONS,
+  TRACE), or any method under an idempotency claim (the claim keeps the retry of the key out);
+- after anything that may have reached the upstream (an ambiguous failure, an answered status in
+  `retries.on`): only what `proxy.upstream.resend.may_repeat` allows, a safe method without a
+  body and without an idempotency claim, whatever `on` says. A claimed request whose attempt may
+  have reached the upstream ends ambiguous, and its key indeterminate.
 Attempts are spaced by fully jittered exponential backoff and share one deadline, the upstream
 `timeout` counted from the first attempt (so an idempotency lease, derived from that timeout,
 outlives every attempt), and are limited by a budget: requests retrying at once may be
@@ -18,8 +20,15 @@ import asyncio
 import random
 
 from proxy.config import SAFE_METHODS, Retries
-from proxy.http.context import Exchange, Payload, RequestContext
+from proxy.http.context import (
+    Exchange,
+    IdempotencyOutcome,
+    Payload,
+    RequestContext,
+    UpstreamOutcome,
+)
 from proxy.http.headers import Headers
+from proxy.upstream.resend import may_repeat
 from proxy.upstream.targets import CircuitOpen, Upstream
 from proxy.upstream.transport import UpstreamError, UpstreamResponse
 
@@ -54,11 +63,12 @@ def exchange(upstream: Upstream, policy: Retries | None) -> Exchange:
     async def with_retries(
         ctx: RequestContext, method: str, target: str, headers: Headers, body: Payload
     ) -> UpstreamResponse:
-        safe = method in SAFE_METHODS
+        claimed = ctx.idempotency_outcome == IdempotencyOutcome.MISS
         if not (body is None or isinstance(body, bytes)) or not (
-            safe or ctx.idempotency_outcome == "miss"
+            method in SAFE_METHODS or claimed
         ):
             return await upstream.send(method, target, headers, body)
+        repeatable = may_repeat(method, body, claimed)
         started = asyncio.get_running_loop().time()
         ends = started + deadline
         attempt = 1
@@ -71,13 +81,13 @@ def exchange(upstream: Upstream, policy: Retries | None) -> Exchange:
                 except CircuitOpen:
                     raise
                 except UpstreamError as exc:
-                    kind = "ambiguous" if exc.sent else "not_sent"
-                    if kind not in on or (exc.sent and not safe):
+                    kind = UpstreamOutcome.AMBIGUOUS if exc.sent else UpstreamOutcome.NOT_SENT
+                    if kind not in on or (exc.sent and not repeatable):
                         raise
                     if not allowed(attempt, delay, started, counted):
                         raise
                 else:
-                    if not (safe and response.status in statuses):
+                    if not (repeatable and response.status in statuses):
                         return response
                     if not allowed(attempt, delay, started, counted):
                         return response

@@ -38,6 +38,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     policy = cfg.routes[0].idempotency
     assert (policy.enabled, policy.required, policy.ttl) == (False, False, 86400.0)
     assert (policy.methods, policy.on_concurrent, policy.max_body) == (["POST", "PATCH"], "reject", 1 << 20)
+    assert policy.on_indeterminate == "hold"  # ambiguity is held unless a route opts out
     assert cfg.limits.max_request_body == 10 << 20
     assert cfg.limits.max_header_bytes == 16 << 10
     assert (cfg.shutdown.drain_delay, cfg.shutdown.timeout) == (5.0, 25.0)
@@ -48,6 +49,16 @@ def test_unknown_upstream_names_the_path_and_suggests() -> None:
     assert problems(config(routes=routes)) == [
         "routes[2].upstream: unknown upstream 'paymnts' (did you mean 'payments'?)"
     ]
+
+
+def test_on_indeterminate_accepts_hold_or_release_after_lease_only() -> None:
+    route = ROUTE | {"idempotency": {"enabled": True, "on_indeterminate": "release_after_lease"}}
+    assert parse(config(routes=[route]), {}).routes[0].idempotency.on_indeterminate == (
+        "release_after_lease"
+    )
+    route = ROUTE | {"idempotency": {"enabled": True, "on_indeterminate": "retry"}}
+    [problem] = problems(config(routes=[route]))
+    assert problem.startswith("routes[0].idempotency.on_indeterminate: ")
 
 
 def test_duplicate_route_names() -> None:

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.idempotency.stage import lease_for
 from tests.idempotency.conftest import IdemProxy
 from tests.support.idempotency import assert_problem
 from tests.support.upstream import RecordingUpstream
@@ -290,11 +291,39 @@ async def test_client_errors_are_stored(
     assert upstream.count == 1
 
 
-async def test_upstream_timeout_makes_the_key_indeterminate_until_the_lease_ends(
+async def test_upstream_timeout_holds_the_key_indeterminate_past_the_lease(
     idem_proxy: IdemProxy, upstream: RecordingUpstream
 ) -> None:
+    """Issue 13: an ambiguous outcome is held for the retention, not released with the lease;
+    retries are told it may or may not have run, with no Retry-After inviting a loop."""
     gate = await _gate(upstream)
     proxy = await idem_proxy(upstream_options={"timeout": "300ms"})
+    headers = key()
+    first = await proxy.post("/v1/a", json={}, headers=headers)
+    assert first.status == 504
+    gate.set()
+    loop = asyncio.get_running_loop()
+    past_lease = loop.time() + lease_for(0.3, 0.25) + 0.5
+    while True:  # through the whole lease and beyond: never run again
+        again = await proxy.post("/v1/a", json={}, headers=headers)
+        problem = await assert_problem(again, 409, "outcome-indeterminate")
+        assert "Retry-After" not in again.headers
+        assert "may or may not have happened" in problem["detail"]
+        assert "will not run it again" in problem["detail"]
+        if loop.time() > past_lease:
+            break
+        await asyncio.sleep(0.2)  # pacing of the retries across the lease
+    assert upstream.count == 1
+
+
+async def test_release_after_lease_runs_an_indeterminate_key_again(
+    idem_proxy: IdemProxy, upstream: RecordingUpstream
+) -> None:
+    """The opt-in keeps the old behaviour for upstreams that deduplicate themselves."""
+    gate = await _gate(upstream)
+    proxy = await idem_proxy(
+        upstream_options={"timeout": "300ms"}, on_indeterminate="release_after_lease"
+    )
     headers = key()
     first = await proxy.post("/v1/a", json={}, headers=headers)
     assert first.status == 504
@@ -302,7 +331,6 @@ async def test_upstream_timeout_makes_the_key_indeterminate_until_the_lease_ends
     await assert_problem(again, 409, "outcome-indeterminate")
     assert 1 <= int(again.headers["Retry-After"]) <= 3
     assert upstream.count == 1
-    # After the lease (0.3 s + margin) the key is free again: the retry runs.
     gate.set()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 6

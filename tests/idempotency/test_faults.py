@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.redis import client as redis_client
+from tests.support.eventually import eventually
 from tests.support.idempotency import assert_problem, idem_config
 from tests.support.proxy_process import ProxyProcess
 from tests.support.redis_server import RedisServer
@@ -185,32 +186,45 @@ async def test_kill_stall_and_restart_under_load_never_run_a_key_twice(
     assert max(refusals) < WITHIN_BUDGET
 
 
-async def test_crashed_owner_lease_expires_and_a_retry_takes_over(
+async def test_crashed_owners_key_is_held_indeterminate_after_its_lease(
     proxy_process: StartProxy, redis_server: StartRedis, upstream: RecordingUpstream
 ) -> None:
+    """Issue 13: a holder that died mid-request may have run it; after its lease the key is
+    indeterminate (never run again), and the replica that finds it says so in an event."""
     gate = hold_first_request(upstream)
     redis = redis_server()
     crashed, survivor = (start(proxy_process, upstream, redis) for _ in range(2))
     async with aiohttp.ClientSession() as session:
         first = asyncio.create_task(post(session, crashed.url, "k"))
         await asyncio.wait_for(upstream.arrived.wait(), 10)
+        assert crashed.process is not None
+        crashed_pid = crashed.process.pid
         crashed.kill()
         with contextlib.suppress(aiohttp.ClientError):
             await first
         response, _ = await post(session, survivor.url, "k")
         await assert_problem(response, 409, "in-progress")
         assert 1 <= int(response.headers["Retry-After"]) <= 3
-        # Lease = 1 s upstream timeout + 1 s margin + 2 budgets; then the retry runs.
+        # Lease = 1 s upstream timeout + 1 s margin + 2 budgets; then it is held.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 8
         while (response := (await post(session, survivor.url, "k"))[0]).status == 409:
+            body = await response.json(content_type="application/problem+json")
+            if body["type"].endswith("outcome-indeterminate"):
+                break
             assert loop.time() < deadline, "the crashed owner's lease never ended"
             await asyncio.sleep(0.1)  # client retry pacing
-        assert response.status == 200
-        replay, _ = await post(session, survivor.url, "k")
-        assert replay.headers["Idempotent-Replayed"] == "true"
+        await assert_problem(response, 409, "outcome-indeterminate")
+        assert "Retry-After" not in response.headers
         gate.set()
-    assert upstream.count == 2
+    assert upstream.count == 1
+
+    async def lease_expired_events() -> list[dict[str, Any]]:
+        return [e for e in survivor.json_lines() if e.get("event") == "idempotency_lease_expired"]
+
+    expired = await eventually(lease_expired_events, 5, "the lease-expired event")
+    assert len(expired) == 1
+    assert expired[0]["holder"].endswith(f"/{crashed_pid}")
 
 
 async def test_startup_warns_when_redis_may_evict(
@@ -222,6 +236,20 @@ async def test_startup_warns_when_redis_may_evict(
     assert events
     assert events[0]["level"] == "warning"
     assert events[0]["maxmemory_policy"] == "allkeys-lru"
+
+
+async def test_startup_warns_that_the_memory_store_forgets_on_restart(
+    proxy_process: StartProxy, upstream: RecordingUpstream
+) -> None:
+    """Issue 13: a memory-store restart forgets every key; each start says so in an event."""
+    proxy = proxy_process(idem_config(upstream.url, "memory://"))
+
+    async def warned() -> list[dict[str, Any]]:
+        return [e for e in proxy.json_lines() if e.get("event") == "store_memory"]
+
+    (event,) = await eventually(warned, 5, "the store_memory event")
+    assert event["level"] == "warning"
+    assert "restart" in event["detail"]
 
 
 async def closed(port: int) -> None:

@@ -1,6 +1,9 @@
 import pytest
 
-from proxy.idempotency.recorder import COMPLETE, INDETERMINATE, RELEASE, ResponseRecorder, decide
+from proxy.http.context import Decision
+from proxy.idempotency.recorder import ResponseRecorder, decide
+
+COMPLETE, RELEASE, INDETERMINATE = Decision
 
 
 @pytest.mark.parametrize(

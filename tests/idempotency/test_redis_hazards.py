@@ -13,6 +13,7 @@ from redis.asyncio.connection import AbstractConnection
 from proxy.redis import client as redis_client
 from proxy.redis.scripts import RedisPyRunner
 from proxy.stores import RedisStore, StoreError, StoreTimeout
+from proxy.stores.base import Lease
 from tests.support.eventually import eventually
 from tests.support.ports import wait_until
 from tests.support.redis_server import RedisServer
@@ -34,7 +35,7 @@ async def relay(redis_server: Callable[..., RedisServer]) -> AsyncIterator[Delay
     seeding = RedisStore.from_url(redis.url, 1.0)
     try:
         for key in KEYS:
-            assert await seeding.claim(key, token(key), f"fp-{key}", 60) is None
+            assert await seeding.claim(key, token(key), f"fp-{key}", Lease(60, 60)) is None
     finally:
         await seeding.close()
     yield relayed
@@ -125,7 +126,7 @@ async def test_readonly_from_a_demoted_primary_is_retried_on_the_new_one(
     old = redis_sentinels.primary
     store = RedisStore.from_url(redis_sentinels.url, 1.0)
     try:
-        assert await store.claim("before-failover", "t0", "fp", 60) is None  # scripts cached
+        assert await store.claim("before-failover", "t0", "fp", Lease(60, 60)) is None  # scripts cached
         redis_sentinels.failover()
         wait_until(lambda: "role:slave" in old.cli("INFO", "replication"), 15, "demoted")
         # A pooled connection still open to the demoted primary, as after a failover in which
@@ -139,7 +140,7 @@ async def test_readonly_from_a_demoted_primary_is_retried_on_the_new_one(
         connection.host, connection.port = "127.0.0.1", old.port
         await AbstractConnection.connect_check_health(connection)  # no Sentinel lookup
         await pool.release(connection)
-        assert await store.claim("after-failover", "t1", "fp", 60) is None
+        assert await store.claim("after-failover", "t1", "fp", Lease(60, 60)) is None
         assert "errorstat_READONLY" in old.cli("INFO", "errorstats")
         record = await store.get("after-failover")
         assert record is not None and record.token == "t1"

@@ -14,7 +14,7 @@ from proxy.http.context import RequestContext
 from proxy.idempotency import stage
 from proxy.idempotency.keys import KeyHasher
 from proxy.stores import MemoryStore, Store
-from proxy.stores.base import StoreError
+from proxy.stores.base import Lease, StoreError
 from tests.conftest import MakeProxy
 from tests.support.idempotency import assert_problem, idem_config
 from tests.support.upstream import RecordingUpstream
@@ -23,7 +23,7 @@ Client = TestClient[web.Request, None]
 
 
 class BrokenStore(MemoryStore):
-    async def claim(self, key: str, token: str, fingerprint: str, lease: float) -> None:
+    async def claim(self, key: str, token: str, fingerprint: str, lease: Lease) -> None:
         raise StoreError("store is down")
 
 

@@ -22,6 +22,7 @@ EXPECTED_TYPES = {
     "idemproxy_request_duration_seconds": "histogram",
     "idemproxy_upstream_duration_seconds": "histogram",
     "idemproxy_idempotency": "counter",
+    "idemproxy_idempotency_decisions": "counter",
     "idemproxy_store_errors": "counter",
     "idemproxy_connections_rejected": "counter",
     "idemproxy_inflight_requests": "gauge",
@@ -86,9 +87,11 @@ async def test_scrape_after_a_known_sequence(aiohttp_client, upstream: Recording
     for _ in range(3):
         assert (await seen.client.get("/orders/1")).status == 200
     assert (await seen.client.post("/pay")).status == 200
+    for _ in range(2):  # executed once, replayed once
+        assert (await seen.client.post("/pay", headers={"Idempotency-Key": "k"})).status == 200
     assert (await seen.client.get("/nowhere")).status == 404
     assert (await seen.client.request("PURGE", "/orders/pot")).status == 200
-    await seen.lines.wait_for(6)
+    await seen.lines.wait_for(8)
     seen.metrics.count_reload("failure")
 
     text = await (await admin.get("/metrics")).text()
@@ -104,10 +107,16 @@ async def test_scrape_after_a_known_sequence(aiohttp_client, upstream: Recording
 
     assert requests("orders", "GET", "2xx") == 3
     assert requests("orders", "_OTHER", "2xx") == 1  # unknown methods never become label values
-    assert requests("payments", "POST", "2xx") == 1
+    assert requests("payments", "POST", "2xx") == 3
+    # Executions and replays, countable apart (issue 13: a memory store restart shows as
+    # executions without replays).
+    assert values[("idemproxy_idempotency_total", (("outcome", "miss"), ("route", "payments")))] == 1
+    assert values[("idemproxy_idempotency_total", (("outcome", "replay"), ("route", "payments")))] == 1
+    assert values[("idemproxy_idempotency_decisions_total", (("decision", "complete"), ("route", "payments")))] == 1
+    assert values[("idemproxy_idempotency_decisions_total", (("decision", "indeterminate"), ("route", "payments")))] == 0
     assert requests("", "GET", "4xx") == 1  # no route: the empty route label
     assert values[("idemproxy_request_duration_seconds_count", (("route", "orders"),))] == 4
-    assert values[("idemproxy_upstream_duration_seconds_count", (("upstream", "app"),))] == 5
+    assert values[("idemproxy_upstream_duration_seconds_count", (("upstream", "app"),))] == 6
     assert values[("idemproxy_inflight_requests", (("upstream", ""),))] == 0
     assert values[("idemproxy_config_reloads_total", (("result", "failure"),))] == 1
     assert values[("idemproxy_log_dropped_total", ())] == 0

@@ -10,6 +10,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.redis.client import BlockingSentinelConnectionPool, close, connect
 from proxy.stores import RedisStore, StoreError
+from proxy.stores.base import Lease
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
@@ -75,9 +76,9 @@ async def test_rediss_verifies_the_server_certificate(
     trusted = RedisStore.from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}", 2.0)
     untrusted = RedisStore.from_url(f"rediss://127.0.0.1:{tls_port}/0", 2.0)
     try:
-        assert await trusted.claim("k", "t", "fp", 5) is None
+        assert await trusted.claim("k", "t", "fp", Lease(5, 60)) is None
         with pytest.raises(StoreError):
-            await untrusted.claim("k2", "t", "fp", 5)
+            await untrusted.claim("k2", "t", "fp", Lease(5, 60))
     finally:
         await trusted.close()
         await untrusted.close()

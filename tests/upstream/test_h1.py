@@ -350,27 +350,41 @@ async def with_stale_connection(raw: RawUpstream, h1: MakeTransport) -> H1Transp
     return transport
 
 
-@pytest.mark.parametrize(
-    ("method", "headers"),
-    [("PUT", []), ("DELETE", []), ("POST", [("Idempotency-Key", "k1")])],
-    ids=["put", "delete", "post-with-key"],
-)
-async def test_stale_reused_connection_is_resent_once_when_idempotent(
-    raw: RawUpstream, h1: MakeTransport, method: str, headers: list[tuple[str, str]]
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "TRACE"])
+async def test_stale_reused_connection_is_resent_once_when_safe(
+    raw: RawUpstream, h1: MakeTransport, method: str
 ) -> None:
     transport = await with_stale_connection(raw, h1)
-    raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nagain")
-    assert await read_all(await transport.send(method, "/", headers, b"two")) == b"again"
+    raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    await read_all(await transport.send(method, "/again", [], None))
     assert raw.connections == 2
-    assert [r.endswith(b"two") for r in raw.requests] == [False, True, True]
+    assert [r.split(b" ")[1] for r in raw.requests] == [b"/", b"/again", b"/again"]
 
 
-async def test_stale_reused_connection_is_not_resent_for_a_plain_post(
-    raw: RawUpstream, h1: MakeTransport
+@pytest.mark.parametrize(
+    ("method", "headers", "body"),
+    [
+        ("POST", [], b"pay"),
+        ("PUT", [], b"two"),
+        ("DELETE", [], None),
+        ("PATCH", [], b"two"),
+        ("POST", [("Idempotency-Key", "k1")], b"pay"),
+        ("GET", [("Idempotency-Key", "k1")], None),
+        ("GET", [("x-idempotency-key", "k1")], None),
+        ("GET", [], b"body"),
+    ],
+    ids=["post", "put", "delete", "patch", "post-with-key", "get-with-key",
+         "get-with-x-key", "get-with-body"],
+)
+async def test_stale_reused_connection_is_not_resent_unless_safe_to_repeat(
+    raw: RawUpstream, h1: MakeTransport, method: str, headers: list[tuple[str, str]],
+    body: bytes | None,
 ) -> None:
+    """Issue 13: the upstream may have read (and executed) the first copy. Only a safe method
+    without a body and without an idempotency key is sent again; everything else is ambiguous."""
     transport = await with_stale_connection(raw, h1)
-    with pytest.raises(UpstreamBroken, match="not idempotent") as caught:
-        await transport.send("POST", "/", [], b"pay")
+    with pytest.raises(UpstreamBroken, match="not safe to repeat") as caught:
+        await transport.send(method, "/", headers, body)
     assert caught.value.sent  # it may have run: ambiguous, never silently repeated
     assert raw.connections == 1
 

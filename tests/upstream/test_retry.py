@@ -221,3 +221,37 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert all(0 <= d <= 0.25 for d in delays)
     assert len(set(delays)) > 100
     assert max(retry.backoff(1, 0.025, 0.25) for _ in range(50)) <= 0.025
+
+
+@pytest.mark.parametrize(
+    ("method", "outcome", "payload", "resent"),
+    [
+        ("GET", None, None, True),
+        ("TRACE", None, None, True),
+        ("GET", "miss", None, False),
+        ("HEAD", "miss", b"", False),
+        ("GET", None, b"q", False),
+        ("PUT", "miss", b"{}", False),
+        ("DELETE", "miss", None, False),
+        ("POST", "miss", b"{}", False),
+    ],
+    ids=["get", "trace", "claimed-get", "claimed-head", "get-with-body", "claimed-put",
+         "claimed-delete", "claimed-post"],
+)
+async def test_what_may_have_reached_the_upstream_is_resent_only_when_safe_to_repeat(
+    upstream: RecordingUpstream, method: str, outcome: str | None, payload: bytes | None,
+    resent: bool,
+) -> None:
+    """Issue 13: an answered 503 (and any ambiguous failure) may have executed the request, so
+    only a safe method without a body and without an idempotency claim is sent again."""
+    upstream.respond = status(503)
+    target = runtime_upstream([upstream.url])
+    policy = Retries(attempts=2, backoff=0.001, on=["not_sent", "ambiguous", 503])
+    try:
+        ctx = context(method, outcome)
+        response = await retry.exchange(target, policy)(ctx, method, "/pay", [], payload)
+        response.release()
+        assert response.status == 503
+        assert (upstream.count, ctx.resend_count) == ((2, 1) if resent else (1, 0))
+    finally:
+        await target.close()
