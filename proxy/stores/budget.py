@@ -25,9 +25,10 @@ from __future__ import annotations
 from proxy.observability.events import emit
 from proxy.stores.base import StoredResponse
 
-# Measured (tracemalloc, CPython 3.11, 64-bit): an in-flight record 446-464 bytes depending on
-# how full the record dict is; completing it with an empty response adds ~150 bytes.
-CLAIM_BYTES = 640
+# Measured (tracemalloc, CPython 3.11, 64-bit): an in-flight record ~520 bytes depending on how
+# full the record dict is (with its lease deadline, creation time and holder, record schema 2);
+# completing it with an empty response adds ~150 bytes.
+CLAIM_BYTES = 704
 # Per stored header: the (name, value) tuple, two str objects and the slot in the headers tuple
 # (measured ~166 bytes + the characters); plus the headers tuple itself.
 HEADER_BYTES = 170

@@ -12,9 +12,12 @@ import pytest
 
 from proxy.observability import events, logsink
 from proxy.stores import MemoryStore, StoreError
-from proxy.stores.base import COMPLETED, StoredResponse
+from proxy.stores.base import Lease, RecordState, StoredResponse
 from proxy.stores.budget import BULK_SHARE, CLAIM_BYTES, HIGH_WATER, SMALL_RESPONSE
 from tests.support.lines import Lines
+
+# A route's claim terms: 60 s to finish, kept for an hour.
+LEASE = Lease(60, 3600)
 
 MiB = 1024 * 1024
 
@@ -51,7 +54,7 @@ async def fill(store: MemoryStore, count: int, body_size: int, headers: int = 2)
     keys = []
     for _ in range(count):
         key, token = hexid(160), hexid(128)
-        assert await store.claim(key, token, hexid(160), 60) is None
+        assert await store.claim(key, token, hexid(160), LEASE) is None
         assert await store.complete(key, token, response(body_size, headers), 3600)
         keys.append(key)
     return keys
@@ -73,14 +76,14 @@ async def test_accounting_matches_what_tracemalloc_measures(
     """The estimate never undercounts the heap the store really holds, and overcounts by less
     than half (the claim reserves the completion it may need)."""
     store = MemoryStore(max_records=1_000_000, max_bytes=1024 * MiB)
-    await store.claim("warm-up", "t", "fp", 60)  # starts the sweeper outside the measurement
+    await store.claim("warm-up", "t", "fp", LEASE)  # starts the sweeper outside the measurement
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(count):
             key, token = hexid(160), hexid(128)
-            await store.claim(key, token, hexid(160), 60)
+            await store.claim(key, token, hexid(160), LEASE)
             if complete:
                 await store.complete(key, token, response(body_size, headers), 3600)
         gc.collect()
@@ -100,7 +103,7 @@ async def test_bytes_stay_under_the_limit_and_are_returned(store: MemoryStore) -
         for _ in range(40):
             key, token = hexid(160), hexid(128)
             try:
-                await store.claim(key, token, hexid(160), 60)
+                await store.claim(key, token, hexid(160), LEASE)
             except StoreError:
                 continue
             await store.complete(key, token, response(size), 0.05)
@@ -111,7 +114,7 @@ async def test_bytes_stay_under_the_limit_and_are_returned(store: MemoryStore) -
 
 
 async def test_release_returns_the_claim(store: MemoryStore) -> None:
-    await store.claim("k", "owner", "fp", 60)
+    await store.claim("k", "owner", "fp", LEASE)
     assert store.budget.used == CLAIM_BYTES
     assert await store.release("k", "owner")
     assert store.budget.used == 0
@@ -129,7 +132,7 @@ async def test_one_caller_with_large_responses_cannot_lock_out_small_ones(
     unkept = [r for r in records if r is not None and r.response and not r.response.replayable]
     assert kept and unkept and len(kept) + len(unkept) == len(flood)
     # Never dropped: a retry of every flooded key finds a completed record, never a free key.
-    assert all(r is not None and r.state == COMPLETED for r in records)
+    assert all(r is not None and r.state == RecordState.COMPLETED for r in records)
     assert store.budget.unkept_responses == len(unkept)
     # Another caller: a small request claims, completes and stays replayable.
     for _ in range(50):
@@ -145,9 +148,9 @@ async def test_claims_are_refused_only_when_the_store_is_full(
 ) -> None:
     fitting = store.budget.limit // CLAIM_BYTES
     for _ in range(fitting):
-        await store.claim(hexid(160), hexid(128), hexid(160), 60)
+        await store.claim(hexid(160), hexid(128), hexid(160), LEASE)
     with pytest.raises(StoreError, match=rf"full \({store.budget.limit} bytes\)"):
-        await store.claim(hexid(160), hexid(128), hexid(160), 60)
+        await store.claim(hexid(160), hexid(128), hexid(160), LEASE)
     assert store.budget.refused_claims == 1
     assert [line["event"] for line in reported.json()] == ["store_memory_high"]
 
@@ -156,15 +159,15 @@ async def test_a_full_store_still_records_that_a_claim_ran(
     store: MemoryStore, reported: Lines
 ) -> None:
     """Completing never needs bytes a claim did not reserve: at-most-once holds when full."""
-    await store.claim("mine", "owner", "fp", 60)
+    await store.claim("mine", "owner", "fp", LEASE)
     while True:
         try:
-            await store.claim(hexid(160), hexid(128), hexid(160), 60)
+            await store.claim(hexid(160), hexid(128), hexid(160), LEASE)
         except StoreError:
             break
     assert await store.complete("mine", "owner", response(SMALL_RESPONSE // 2), 3600)
     record = await store.get("mine")
-    assert record is not None and record.state == COMPLETED and record.response is not None
+    assert record is not None and record.state == RecordState.COMPLETED and record.response is not None
     assert not record.response.replayable and record.response.status == 200
     assert store.budget.used <= store.budget.limit
 
