@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.config import Admin, ConfigError, loopback_only
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem
 from proxy.observability.events import emit
 from proxy.observability.tracing import new_trace_id
 
@@ -129,9 +129,7 @@ def _refuse(request: web.Request, reason: Refusal, challenge: str) -> web.Respon
         else "the bearer token does not match the admin token"
     )
     return problem(
-        401,
-        "admin-unauthorized",
-        "Admin credential required",
+        ProblemType.ADMIN_UNAUTHORIZED,
         detail,
         trace_id,
         [("WWW-Authenticate", challenge)],

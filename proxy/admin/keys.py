@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.thread import run_on
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem
 from proxy.idempotency.keys import parse_key, record_key
 from proxy.observability.events import emit, iso_time
 from proxy.pipeline.runtime import AdminHandler, DataPlane, Runtime, same_origin_only
@@ -31,9 +31,9 @@ RELEASE = "/admin/keys/release"
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, slug: str, title: str, detail: str) -> None:
+    def __init__(self, kind: ProblemType, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.slug, self.title = status, slug, title
+        self.kind = kind
 
 
 def describe(record: Record, key_hash: str) -> dict[str, Any]:
@@ -78,22 +78,22 @@ class KeyActions:
         except orjson.JSONDecodeError:
             body = None
         if not isinstance(body, dict):
-            raise _Refused(400, "admin-request-invalid", "Invalid admin request",
+            raise _Refused(ProblemType.ADMIN_REQUEST_INVALID,
                            'send a JSON object {"route": ..., "key": ..., "scope": ...}')
         route_name, raw_key, scope = body.get("route"), body.get("key"), body.get("scope")
         if not isinstance(route_name, str) or not isinstance(raw_key, str) or not (
             scope is None or isinstance(scope, str)
         ):
-            raise _Refused(400, "admin-request-invalid", "Invalid admin request",
+            raise _Refused(ProblemType.ADMIN_REQUEST_INVALID,
                            "route and key are strings; scope is a string or absent")
         runtime = self._runtime()
         route = next((r for r in runtime.config.routes if r.name == route_name), None)
         if route is None or not route.idempotency.enabled:
-            raise _Refused(404, "admin-route-unknown", "No such idempotent route",
+            raise _Refused(ProblemType.ADMIN_ROUTE_UNKNOWN,
                            f"no route named {route_name!r} with idempotency enabled")
         key = parse_key(raw_key)
         if key is None:
-            raise _Refused(400, "admin-request-invalid", "Invalid admin request",
+            raise _Refused(ProblemType.ADMIN_REQUEST_INVALID,
                            "key is not a valid Idempotency-Key value")
         storage, _ = record_key(runtime.hasher, route_name, key, scope)
         return runtime, storage, runtime.hasher.log_hash(storage)
@@ -121,8 +121,7 @@ class KeyActions:
         if record is None:
             return _problem(_absent())
         if not released:
-            return _problem(_Refused(
-                409, "admin-key-in-flight", "Key in flight",
+            return _problem(_Refused(ProblemType.ADMIN_KEY_IN_FLIGHT,
                 "the record's holder is still working on it (its lease has "
                 f"{record.lease_remaining:.1f}s left); look it up again after the lease"))
         return _json(200, {"released": True, "record": describe(record, key_hash)})
@@ -139,17 +138,17 @@ async def _discard(runtime: Runtime, storage: str, key_hash: str) -> tuple[Recor
 
 
 def _absent() -> _Refused:
-    return _Refused(404, "admin-key-not-found", "No record",
+    return _Refused(ProblemType.ADMIN_KEY_NOT_FOUND,
                     "no record for this route, key and scope: never seen, released or expired")
 
 
 def _store_failed(exc: StoreError) -> web.Response:
-    return _problem(_Refused(503, "store-unavailable", "Idempotency store unavailable",
+    return _problem(_Refused(ProblemType.STORE_UNAVAILABLE,
                              f"the idempotency store did not answer ({exc})"))
 
 
 def _problem(refused: _Refused) -> web.Response:
-    return problem(refused.status, refused.slug, refused.title, str(refused), os.urandom(16).hex())
+    return problem(refused.kind, str(refused), os.urandom(16).hex())
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:

@@ -6,35 +6,28 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from proxy.http.context import RequestContext
+from proxy.http.problem import ProblemType
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodyError(Exception):
-    status = 400
-    slug = "bad-request-body"
-    title = "Bad request body"
+    problem = ProblemType.BAD_REQUEST_BODY
     error_type = "request_body"
 
 
 class BodyTooLarge(BodyError):
-    status = 413
-    slug = "body-too-large"
-    title = "Request body too large"
+    problem = ProblemType.BODY_TOO_LARGE
     error_type = "request_body_too_large"
 
 
 class BodyTimeout(BodyError):
-    status = 408
-    slug = "body-timeout"
-    title = "Request body timed out"
+    problem = ProblemType.BODY_TIMEOUT
     error_type = "request_body_timeout"
 
 
 class ClientGone(BodyError):
-    status = 499
-    slug = "client-closed"
-    title = "Client closed the connection"
+    problem = ProblemType.CLIENT_CLOSED
     error_type = "client_disconnect"
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv6Address
 from typing import NamedTuple
 
+from proxy.http.problem import ProblemType
+
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal
 # ("[" IPv6 "]"; IPvFuture is not served) or a reg-name, which also spells every IPv4 address.
@@ -25,9 +27,7 @@ _HOST = re.compile(
 
 
 class Rejection(NamedTuple):
-    status: int
-    slug: str
-    title: str
+    problem: ProblemType
     detail: str
     error_type: str
 
@@ -45,12 +45,12 @@ def check_request(
     """
     if version not in SUPPORTED_VERSIONS:
         return Rejection(
-            505, "http-version-not-supported", "HTTP version not supported",
+            ProblemType.HTTP_VERSION_NOT_SUPPORTED,
             f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", "bad_request",
         )
     if not path.startswith("/"):
         return _bad(
-            "bad-request-target", "Bad request target",
+            ProblemType.BAD_REQUEST_TARGET,
             "only origin-form (/path) and absolute-form targets are served; "
             "CONNECT and asterisk-form are not",
         )
@@ -60,12 +60,12 @@ def check_request(
         if b"_" in name:
             # Envoy's edge default: some upstreams (CGI, nginx, Django) read X_User as X-User.
             return _bad(
-                "bad-header-name", "Bad header name",
+                ProblemType.BAD_HEADER_NAME,
                 f"header name {name.decode('latin-1')!r} contains an underscore",
             )
     if size > max_header_bytes:
         return Rejection(
-            431, "headers-too-large", "Request headers too large",
+            ProblemType.HEADERS_TOO_LARGE,
             f"the request headers take {size} bytes; the limit is {max_header_bytes}",
             "request_headers_too_large",
         )
@@ -73,7 +73,7 @@ def check_request(
         # RFC 9112 §6.1: chunked must be the final coding and appear once; the proxy forwards
         # bodies as plain bytes, so any other coding would change their meaning upstream.
         return _bad(
-            "bad-transfer-encoding", "Unsupported Transfer-Encoding",
+            ProblemType.BAD_TRANSFER_ENCODING,
             f"Transfer-Encoding {', '.join(transfer_encodings)!r}; only 'chunked' is accepted",
         )
     return None
@@ -88,7 +88,7 @@ def check_host(host: str | None) -> Rejection | None:
     if match is not None and (match["ipv6"] is None or _is_ipv6(match["ipv6"])):
         return None
     return _bad(
-        "bad-host", "Bad Host header",
+        ProblemType.BAD_HOST,
         "the Host header is not a host name or an IP address with an optional port",
     )
 
@@ -105,5 +105,5 @@ def _codings(values: Sequence[str]) -> list[str]:
     return [token.strip().lower() for value in values for token in value.split(",")]
 
 
-def _bad(slug: str, title: str, detail: str) -> Rejection:
-    return Rejection(400, slug, title, detail, "bad_request")
+def _bad(kind: ProblemType, detail: str) -> Rejection:
+    return Rejection(kind, detail, "bad_request")

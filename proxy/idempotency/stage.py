@@ -12,7 +12,6 @@ which the key is indeterminate).
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import random
 import socket
@@ -26,7 +25,7 @@ from proxy.config import Store as StoreConfig
 from proxy.http import body
 from proxy.http.context import Decision, Handler, IdempotencyOutcome, RequestContext
 from proxy.http.headers import SERVER, VIA
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem, retry_after
 from proxy.idempotency.fingerprint import fingerprint_off_loop
 from proxy.idempotency.jcs import JsonTooDeep
 from proxy.idempotency.keys import KeyHasher, parse_key, record_key
@@ -64,9 +63,6 @@ def holder() -> str:
 def lease_for(upstream_timeout: float, store_timeout: float) -> float:
     return upstream_timeout + LEASE_MARGIN + 2 * store_timeout
 
-
-def _retry_after(seconds: float) -> list[tuple[str, str]]:
-    return [("Retry-After", str(max(1, math.ceil(seconds))))]
 
 
 def _track(work: Coroutine[None, None, None]) -> asyncio.Task[None]:
@@ -134,10 +130,10 @@ def stage(
     hold = policy.on_indeterminate == "hold"
     terms = Lease(lease, ttl, hold, holder())
 
-    def refuse(ctx: RequestContext, status: int, slug: str, title: str, detail: str,
-               error_type: str, headers: list[tuple[str, str]] | None = None) -> web.Response:
+    def refuse(ctx: RequestContext, kind: ProblemType, detail: str, error_type: str,
+               headers: list[tuple[str, str]] | None = None) -> web.Response:
         ctx.error_type = error_type
-        return problem(status, slug, title, detail, ctx.trace_id, headers or ())
+        return problem(kind, detail, ctx.trace_id, headers or ())
 
     def answer(ctx: RequestContext, record: Record, fp: str) -> web.Response:
         """The answer to a request whose key already has another request's record."""
@@ -147,31 +143,31 @@ def stage(
                  detail="the holder of this key stopped before finishing: held indeterminate")
         if record.fingerprint != fp:
             ctx.idempotency_outcome = IdempotencyOutcome.MISMATCH
-            return refuse(ctx, 422, "payload-mismatch", "Idempotency-Key reused",
+            return refuse(ctx, ProblemType.PAYLOAD_MISMATCH,
                           "this Idempotency-Key was used for a different request (method, path, "
                           "query or body); use a new key for a new operation",
                           "idempotency_mismatch")
         if record.state == RecordState.IN_FLIGHT:
             ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
-            return refuse(ctx, 409, "in-progress", "Request in progress",
+            return refuse(ctx, ProblemType.IN_PROGRESS,
                           "a request with this Idempotency-Key is still being processed; retry "
                           "with the same key after Retry-After", "idempotency_in_progress",
-                          _retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER)))
+                          [retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER))])
         if record.state == RecordState.INDETERMINATE:
             ctx.idempotency_outcome = IdempotencyOutcome.INDETERMINATE
             if hold:  # no Retry-After: nothing changes for this key until an operator acts
-                return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
+                return refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
                               INDETERMINATE_DETAIL, "idempotency_indeterminate")
-            return refuse(ctx, 409, "outcome-indeterminate", "Outcome unknown",
+            return refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
                           "the original request with this Idempotency-Key reached the upstream "
                           "but its outcome is unknown; this route runs it again after "
                           "Retry-After (on_indeterminate: release_after_lease)",
-                          "idempotency_indeterminate", _retry_after(record.lease_remaining))
+                          "idempotency_indeterminate", [retry_after(record.lease_remaining)])
         stored = record.response
         assert stored is not None
         if not stored.replayable:
             ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
-            return refuse(ctx, 422, "response-not-replayable", "Response not replayable",
+            return refuse(ctx, ProblemType.RESPONSE_NOT_REPLAYABLE,
                           f"the request already ran (status {stored.status}) but its response "
                           f"was not stored for replay (larger than {max_body} bytes, or the "
                           "memory store was near store.max_bytes)",
@@ -222,10 +218,10 @@ def stage(
         if fail_open:
             ctx.error_type = "store_unavailable"
             return await next_handler(ctx)
-        return refuse(ctx, 503, "store-unavailable", "Idempotency store unavailable",
+        return refuse(ctx, ProblemType.STORE_UNAVAILABLE,
                       f"the idempotency store did not answer ({exc}); the request was not "
                       "forwarded, retry with the same key", "store_unavailable",
-                      _retry_after(1))
+                      [retry_after(1)])
 
     async def handle(ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -234,7 +230,7 @@ def stage(
         values = request.headers.getall(HEADER, ())
         if not values:
             if required:
-                return refuse(ctx, 400, "key-missing", "Idempotency-Key required",
+                return refuse(ctx, ProblemType.KEY_MISSING,
                               f"{request.method} requests on this route need an Idempotency-Key "
                               "header; generate one per operation and reuse it for retries",
                               "idempotency_key_missing")
@@ -242,7 +238,7 @@ def stage(
             return await next_handler(ctx)
         key = parse_key(values[0]) if len(values) == 1 else None
         if key is None:
-            return refuse(ctx, 400, "key-invalid", "Malformed Idempotency-Key",
+            return refuse(ctx, ProblemType.KEY_INVALID,
                           "send exactly one Idempotency-Key of 1-255 visible ASCII characters, "
                           "bare or as a quoted string", "idempotency_key_invalid")
         payload = b""
@@ -250,7 +246,7 @@ def stage(
             try:
                 payload = await body.read(ctx, limits.max_request_body, limits.body_timeout)
             except body.BodyError as exc:
-                response = problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id)
+                response = problem(exc.problem, str(exc), ctx.trace_id)
                 response.force_close()
                 return response
         ctx.body = payload
@@ -269,7 +265,7 @@ def stage(
                 limits.max_json_depth,
             )
         except JsonTooDeep as exc:
-            return refuse(ctx, 400, "json-too-deep", "JSON body too deep",
+            return refuse(ctx, ProblemType.JSON_TOO_DEEP,
                           f"{exc}; an Idempotency-Key needs a body that can be fingerprinted",
                           "request_json_too_deep")
         # Unique, not secret (it never leaves the proxy and the store: it tells owners apart),

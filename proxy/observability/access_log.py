@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.config import Logging
 from proxy.http.context import Handler, RequestContext
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem
 from proxy.observability.answers import proxy_reason
 from proxy.observability.events import emit, iso_time
 from proxy.observability.logsink import LineWriter
@@ -141,9 +141,7 @@ class AccessLog:
                 if ctx.status:  # the response has begun: nothing else can be sent
                     raise
                 response = problem(
-                    500,
-                    "internal-error",
-                    "Internal proxy error",
+                    ProblemType.INTERNAL_ERROR,
                     "the proxy failed while handling this request",
                     ctx.trace_id,
                 )

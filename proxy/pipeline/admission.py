@@ -10,10 +10,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.http.context import Handler, RequestContext
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem, retry_after
 from proxy.upstream.targets import Upstream
 
-_RETRY_AFTER = (("Retry-After", "1"),)
+# A slot frees as soon as any request in progress finishes: try again in the shortest wait.
+_RETRY_AFTER = (retry_after(1),)
 
 
 def stage(next_handler: Handler, upstream: Upstream) -> Handler:
@@ -23,9 +24,7 @@ def stage(next_handler: Handler, upstream: Upstream) -> Handler:
         if limit is not None and upstream.inflight >= limit:
             ctx.error_type = "overloaded"
             return problem(
-                503,
-                "overloaded",
-                "Upstream overloaded",
+                ProblemType.OVERLOADED,
                 f"upstream {upstream.name!r} already has {limit} requests in progress",
                 ctx.trace_id,
                 _RETRY_AFTER,

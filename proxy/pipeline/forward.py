@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import socket
 import struct
@@ -32,7 +31,7 @@ from proxy.http.headers import (
     response_head_problem,
     upstream_request_headers,
 )
-from proxy.http.problem import problem
+from proxy.http.problem import problem, retry_after
 from proxy.upstream.targets import Upstream, served_by
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 
@@ -151,12 +150,12 @@ def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
     ctx.upstream_outcome = UpstreamOutcome.AMBIGUOUS if exc.sent else UpstreamOutcome.NOT_SENT
     ctx.error_type = exc.error_type
     wait = exc.retry_after
-    headers = () if wait is None else (("Retry-After", str(max(1, math.ceil(wait)))),)
-    return problem(exc.status, exc.slug, exc.title, str(exc), ctx.trace_id, headers)
+    headers = () if wait is None else (retry_after(wait),)
+    return problem(exc.problem, str(exc), ctx.trace_id, headers)
 
 
 def body_problem(ctx: RequestContext, error: body.BodyError) -> web.Response:
-    response = problem(error.status, error.slug, error.title, str(error), ctx.trace_id)
+    response = problem(error.problem, str(error), ctx.trace_id)
     response.force_close()
     return response
 

@@ -17,7 +17,7 @@ from proxy.config import Config, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.headers import client_address, untrusted_forwarding
 from proxy.http.path import BadPath, normalise
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem
 from proxy.http.request_checks import check_host, check_request
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
@@ -163,18 +163,14 @@ class Runtime:
         ) or check_host(request.headers.get("Host"))
         if rejection is not None:
             ctx.error_type = rejection.error_type
-            response = problem(
-                rejection.status, rejection.slug, rejection.title, rejection.detail, ctx.trace_id
-            )
+            response = problem(rejection.problem, rejection.detail, ctx.trace_id)
             response.force_close()
             return response
         length = request.content_length
         if length is not None and length > limits.max_request_body:
             ctx.error_type = "request_body_too_large"
             response = problem(
-                413,
-                "body-too-large",
-                "Request body too large",
+                ProblemType.BODY_TOO_LARGE,
                 f"Content-Length {length} exceeds the limit of {limits.max_request_body} bytes",
                 ctx.trace_id,
             )
@@ -184,7 +180,7 @@ class Runtime:
             path = normalise(path)
         except BadPath as exc:
             ctx.error_type = "bad_request"
-            response = problem(400, "bad-path", "Bad request path", str(exc), ctx.trace_id)
+            response = problem(ProblemType.BAD_PATH, str(exc), ctx.trace_id)
             response.force_close()  # like every refusal before routing: the body is unread
             return response
         # Routing, the fingerprint and the upstream all see this one spelling.
@@ -193,9 +189,7 @@ class Runtime:
         if route is None:
             ctx.error_type = "no_route"
             return problem(
-                404,
-                "no-route",
-                "No route",
+                ProblemType.NO_ROUTE,
                 f"no route matches {request.method} {path}",
                 ctx.trace_id,
             )

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.config import Route
 from proxy.http.context import Handler, RequestContext
-from proxy.http.problem import problem
+from proxy.http.problem import ProblemType, problem, retry_after
 from proxy.observability.metrics import Cell
 from proxy.quota.limiter import Decision, Limiter
 
@@ -66,12 +66,10 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
                 return await next_handler(ctx)
             ctx.error_type = "store_unavailable"
             return problem(
-                503,
-                "quota-store-unavailable",
-                "Quota store unavailable",
+                ProblemType.QUOTA_STORE_UNAVAILABLE,
                 "the quota store did not answer; the route is configured to fail closed",
                 ctx.trace_id,
-                (("Retry-After", "1"),),
+                (retry_after(1),),
             )
         headers = (("RateLimit-Policy", policy), ("RateLimit", state_header(route.name, decision)))
         if decision.allowed:
@@ -82,13 +80,11 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
             return response
         ctx.error_type = "quota_exceeded"
         return problem(
-            429,
-            "quota-exceeded",
-            "Quota exceeded",
+            ProblemType.QUOTA_EXCEEDED,
             f"the quota of route {route.name!r} allows {burst} requests at once and "
             f"{quota.rate:g} per second",
             ctx.trace_id,
-            (*headers, ("Retry-After", str(max(1, math.ceil(decision.retry_after))))),
+            (*headers, retry_after(decision.retry_after)),
         )
 
     return limit

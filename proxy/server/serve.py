@@ -25,7 +25,7 @@ from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
 from proxy.http.context import CLIENT_LOST
-from proxy.http.problem import problem, problem_body
+from proxy.http.problem import ProblemType, problem, problem_body
 from proxy.observability import events, logsink, tracing
 from proxy.observability.events import emit
 from proxy.pipeline.runtime import DataPlane, Runtime, admin_app
@@ -81,14 +81,14 @@ def parse_error_response(exc: BaseException | None) -> web.Response:
         message = f"a line of the request is longer than {limit} bytes"
         if limit == MAX_REQUEST_LINE:
             # Both parsers name the limit they hit: the request line's, or a header field's.
-            status, slug, title = 414, "uri-too-long", "Request line too long"
+            kind = ProblemType.URI_TOO_LONG
         else:
-            status, slug, title = 431, "headers-too-large", "Request headers too large"
+            kind = ProblemType.HEADERS_TOO_LARGE
     elif isinstance(exc, BadHttpMessage) and "too many headers" in message.lower():
-        status, slug, title = 431, "headers-too-large", "Too many request headers"
+        kind = ProblemType.HEADERS_TOO_LARGE
     else:
-        status, slug, title = 400, "bad-request", "Malformed request"
-    response = problem(status, slug, title, parser_reason(exc, message), trace_id)
+        kind = ProblemType.BAD_REQUEST
+    response = problem(kind, parser_reason(exc, message), trace_id)
     response.force_close()
     return response
 
@@ -124,9 +124,7 @@ def over_capacity_response(max_connections: int) -> bytes:
     """The whole 503 written to a connection beyond `limits.max_connections` before closing it."""
     trace_id = tracing.new_trace_id()
     body = problem_body(
-        503,
-        "too-many-connections",
-        "Too many connections",
+        ProblemType.TOO_MANY_CONNECTIONS,
         f"the proxy serves at most {max_connections} connections",
         trace_id,
     )

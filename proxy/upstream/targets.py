@@ -17,6 +17,7 @@ from yarl import URL
 from proxy.config import Upstream as UpstreamConfig
 from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
+from proxy.http.problem import ProblemType
 from proxy.observability.events import emit
 from proxy.observability.metrics import Metrics, TargetMetrics, process_metrics
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
@@ -33,9 +34,7 @@ from proxy.upstream.transport import (
 class CircuitOpen(UpstreamNotSent):
     """Every target's circuit is open: answered at once, nothing sent."""
 
-    status = 503
-    slug = "circuit-open"
-    title = "Circuit open"
+    problem = ProblemType.CIRCUIT_OPEN
 
 
 def target_label(url: str) -> str:

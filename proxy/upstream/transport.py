@@ -9,24 +9,23 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
 from proxy.http.headers import Headers
+from proxy.http.problem import ProblemType
 
 
 class UpstreamError(Exception):
     """The exchange failed. `sent` is False only when no request byte reached the upstream."""
 
     sent = True
-    status = 502
+    problem = ProblemType.UPSTREAM_UNREACHABLE
     # Seconds a client should wait before trying again, when the proxy knows (Retry-After).
     retry_after: float | None = None
-    slug = "upstream-unreachable"
-    title = "Upstream unreachable"
     # The target label (host:port) of the target that failed, when one was picked.
     target: str | None = None
 
     @property
     def error_type(self) -> str:
         """The access log's `error.type`: the problem slug, in the log's snake_case."""
-        return self.slug.replace("-", "_")
+        return self.problem.error_type
 
 
 class UpstreamNotSent(UpstreamError):
@@ -34,20 +33,15 @@ class UpstreamNotSent(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    status = 504
-    slug = "upstream-timeout"
-    title = "Upstream timed out"
+    problem = ProblemType.UPSTREAM_TIMEOUT
 
 
 class UpstreamConnectTimeout(UpstreamNotSent):
-    status = 504
-    slug = "upstream-connect-timeout"
-    title = "Upstream connect timed out"
+    problem = ProblemType.UPSTREAM_CONNECT_TIMEOUT
 
 
 class UpstreamBroken(UpstreamError):
-    slug = "upstream-bad-response"
-    title = "Upstream response failed"
+    problem = ProblemType.UPSTREAM_BAD_RESPONSE
 
 
 class UpstreamResponse(Protocol):

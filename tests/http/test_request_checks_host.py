@@ -26,7 +26,7 @@ def test_valid_hosts_pass(host: str | None) -> None:
 def test_invalid_hosts_are_refused(host: str) -> None:
     rejection = check_host(host)
     assert rejection is not None
-    assert (rejection.status, rejection.slug) == (400, "bad-host")
+    assert (rejection.problem.status, rejection.problem.slug) == (400, "bad-host")
     assert host not in rejection.detail  # the detail never echoes client bytes
 
 
