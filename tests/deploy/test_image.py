@@ -211,7 +211,7 @@ def test_baked_in_config_is_found_and_valid(
     effective, _, table = check.stdout().partition("\nROUTE ")
     config = yaml.safe_load(effective)
     assert config["listen"] == {"host": "0.0.0.0", "port": 8000}
-    assert config["admin"] == {"host": "127.0.0.1", "port": 9901}
+    assert (config["admin"]["host"], config["admin"]["port"]) == ("127.0.0.1", 9901)
     assert config["store"]["url"] == "memory://"
     assert config["upstreams"]["app"]["url"] == "http://127.0.0.1:8080"
     assert "recognitions" in table and "POST" in table
