@@ -97,6 +97,8 @@ class RequestContext:
     status: int = 0
     idempotency_outcome: IdempotencyOutcome | None = None
     idempotency_decision: Decision | None = None
+    # The idempotency record id (route, scope and key hashed): the store's key for this request.
+    idempotency_record: str = ""
     idempotency_key_hash: str | None = None
     user_hash: str | None = None
     error_type: str | None = None

@@ -117,72 +117,217 @@ def stage(
     hasher: KeyHasher,
     lease: float,
 ) -> Handler:
-    policy = route.idempotency
-    methods = frozenset(policy.methods)
-    extra = frozenset(name.lower() for name in policy.replay_headers)
-    scope_header = policy.scope.header if policy.scope is not None else None
-    route_name = route.name
-    fail_open = store_config.on_error == "fail_open"
-    required, ttl, max_body, store_5xx = (
-        policy.required, policy.ttl, policy.max_body, policy.store_5xx
+    return IdempotencyStage(
+        next_handler,
+        route=route,
+        store=store,
+        store_config=store_config,
+        limits=limits,
+        hasher=hasher,
+        lease=lease,
     )
-    wait_timeout = policy.wait_timeout if policy.on_concurrent == "wait" else None
-    hold = policy.on_indeterminate == "hold"
-    terms = Lease(lease, ttl, hold, holder())
 
-    def refuse(ctx: RequestContext, kind: ProblemType, detail: str, error_type: str,
-               headers: list[tuple[str, str]] | None = None) -> web.Response:
-        ctx.error_type = error_type
-        return problem(kind, detail, ctx.trace_id, headers or ())
 
-    def answer(ctx: RequestContext, record: Record, fp: str) -> web.Response:
+class IdempotencyStage:
+    """The idempotency stage of one route, in named phases (Pingora style):
+
+    `__call__` takes the key (`_key`) and the fingerprint (`_fingerprint`), then claims the
+    record; the first claimant runs `_execute` (forward, then `_finalise` commits the outcome
+    before the last byte leaves); everyone else gets `_answer` (replay or a problem).
+    Everything derived from the route's policy is resolved here, once per config load.
+    """
+
+    __slots__ = (
+        "extra", "fail_open", "hasher", "hold", "lease", "limits", "max_body", "methods", "next",
+        "required", "route_name", "scope_header", "store", "store_5xx", "terms", "ttl",
+        "wait_timeout",
+    )
+
+    def __init__(
+        self,
+        next_handler: Handler,
+        *,
+        route: Route,
+        store: Store,
+        store_config: StoreConfig,
+        limits: Limits,
+        hasher: KeyHasher,
+        lease: float,
+    ) -> None:
+        policy = route.idempotency
+        self.next = next_handler
+        self.store = store
+        self.limits = limits
+        self.hasher = hasher
+        self.lease = lease
+        self.methods = frozenset(policy.methods)
+        self.extra = frozenset(name.lower() for name in policy.replay_headers)
+        self.scope_header = policy.scope.header if policy.scope is not None else None
+        self.route_name = route.name
+        self.fail_open = store_config.on_error == "fail_open"
+        self.required, self.ttl, self.max_body, self.store_5xx = (
+            policy.required, policy.ttl, policy.max_body, policy.store_5xx
+        )
+        self.wait_timeout = policy.wait_timeout if policy.on_concurrent == "wait" else None
+        self.hold = policy.on_indeterminate == "hold"
+        self.terms = Lease(lease, policy.ttl, self.hold, holder())
+
+    async def __call__(self, ctx: RequestContext) -> web.StreamResponse:
+        if ctx.request.method not in self.methods:
+            return await self.next(ctx)
+        key = self._key(ctx)
+        if key is None:  # no key on a route that does not require one
+            ctx.idempotency_outcome = IdempotencyOutcome.BYPASS
+            return await self.next(ctx)
+        if not isinstance(key, str):
+            return key
+        fp = await self._fingerprint(ctx, key)
+        if not isinstance(fp, str):
+            return fp
+        # Unique, not secret (it never leaves the proxy and the store: it tells owners apart),
+        # so not from the OS: os.urandom is a syscall per request.
+        token = f"{random.getrandbits(128):032x}"
+        storage = ctx.idempotency_record
+        wait_until: float | None = None
+        poll = FIRST_POLL
+        while True:
+            try:
+                record = await self.store.claim(storage, token, fp, self.terms)
+            except StoreError as exc:
+                return await self._store_failed(ctx, exc, storage, token)
+            if record is None:
+                ctx.idempotency_outcome = IdempotencyOutcome.MISS
+                return await self._execute(ctx, storage, token)
+            if (record.state != RecordState.IN_FLIGHT or record.fingerprint != fp
+                    or self.wait_timeout is None):
+                return self._answer(ctx, record, fp)
+            # on_concurrent: wait. Claiming again both polls and takes over a released key.
+            now = asyncio.get_running_loop().time()
+            if wait_until is None:
+                wait_until = now + self.wait_timeout
+            remaining = wait_until - now
+            if remaining <= 0:
+                return self._answer(ctx, record, fp)
+            await asyncio.sleep(min(poll, remaining))
+            poll = min(poll * 2, MAX_POLL)
+
+    def _key(self, ctx: RequestContext) -> str | web.Response | None:
+        """The parsed Idempotency-Key, None when absent and optional, or the refusal."""
+        request = ctx.request
+        values = request.headers.getall(HEADER, ())
+        if not values:
+            if not self.required:
+                return None
+            return _refuse(ctx, ProblemType.KEY_MISSING,
+                           f"{request.method} requests on this route need an Idempotency-Key "
+                           "header; generate one per operation and reuse it for retries",
+                           "idempotency_key_missing")
+        key = parse_key(values[0]) if len(values) == 1 else None
+        if key is None:
+            return _refuse(ctx, ProblemType.KEY_INVALID,
+                           "send exactly one Idempotency-Key of 1-255 visible ASCII characters, "
+                           "bare or as a quoted string", "idempotency_key_invalid")
+        return key
+
+    async def _fingerprint(self, ctx: RequestContext, key: str) -> str | web.Response:
+        """Read the body, derive the record id (`ctx.idempotency_record`) and the fingerprint."""
+        request = ctx.request
+        limits = self.limits
+        payload = b""
+        if request.body_exists:
+            try:
+                payload = await body.read(ctx, limits.max_request_body, limits.body_timeout)
+            except body.BodyError as exc:
+                response = problem(exc.problem, str(exc), ctx.trace_id)
+                response.force_close()
+                return response
+        ctx.body = payload
+        hasher = self.hasher
+        header = self.scope_header
+        scope_value = None if header is None else request.headers.get(header)
+        storage, identity = record_key(hasher, self.route_name, key, scope_value)
+        if identity:
+            ctx.user_hash = hasher.log_hash(identity)
+        ctx.idempotency_record = storage
+        ctx.idempotency_key_hash = hasher.log_hash(storage)
+        try:
+            return await fingerprint_off_loop(
+                request.method,
+                ctx.path,
+                request.rel_url.raw_query_string,
+                request.headers.get("Content-Type"),
+                payload,
+                limits.max_json_depth,
+            )
+        except JsonTooDeep as exc:
+            return _refuse(ctx, ProblemType.JSON_TOO_DEEP,
+                           f"{exc}; an Idempotency-Key needs a body that can be fingerprinted",
+                           "request_json_too_deep")
+
+    def _answer(self, ctx: RequestContext, record: Record, fp: str) -> web.Response:
         """The answer to a request whose key already has another request's record."""
         if record.lease_expired_now:  # this claim found the holder dead: said once, here
-            emit("idempotency_lease_expired", "warning", route=route_name,
+            emit("idempotency_lease_expired", "warning", route=self.route_name,
                  key_hash=ctx.idempotency_key_hash, holder=record.holder,
                  detail="the holder of this key stopped before finishing: held indeterminate")
         if record.fingerprint != fp:
             ctx.idempotency_outcome = IdempotencyOutcome.MISMATCH
-            return refuse(ctx, ProblemType.PAYLOAD_MISMATCH,
-                          "this Idempotency-Key was used for a different request (method, path, "
-                          "query or body); use a new key for a new operation",
-                          "idempotency_mismatch")
+            return _refuse(ctx, ProblemType.PAYLOAD_MISMATCH,
+                           "this Idempotency-Key was used for a different request (method, path, "
+                           "query or body); use a new key for a new operation",
+                           "idempotency_mismatch")
         if record.state == RecordState.IN_FLIGHT:
             ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
-            return refuse(ctx, ProblemType.IN_PROGRESS,
-                          "a request with this Idempotency-Key is still being processed; retry "
-                          "with the same key after Retry-After", "idempotency_in_progress",
-                          [retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER))])
+            return _refuse(ctx, ProblemType.IN_PROGRESS,
+                           "a request with this Idempotency-Key is still being processed; retry "
+                           "with the same key after Retry-After", "idempotency_in_progress",
+                           [retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER))])
         if record.state == RecordState.INDETERMINATE:
             ctx.idempotency_outcome = IdempotencyOutcome.INDETERMINATE
-            if hold:  # no Retry-After: nothing changes for this key until an operator acts
-                return refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
-                              INDETERMINATE_DETAIL, "idempotency_indeterminate")
-            return refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
-                          "the original request with this Idempotency-Key reached the upstream "
-                          "but its outcome is unknown; this route runs it again after "
-                          "Retry-After (on_indeterminate: release_after_lease)",
-                          "idempotency_indeterminate", [retry_after(record.lease_remaining)])
+            if self.hold:  # no Retry-After: nothing changes for this key until an operator acts
+                return _refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
+                               INDETERMINATE_DETAIL, "idempotency_indeterminate")
+            return _refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
+                           "the original request with this Idempotency-Key reached the upstream "
+                           "but its outcome is unknown; this route runs it again after "
+                           "Retry-After (on_indeterminate: release_after_lease)",
+                           "idempotency_indeterminate", [retry_after(record.lease_remaining)])
         stored = record.response
         assert stored is not None
         if not stored.replayable:
             ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
-            return refuse(ctx, ProblemType.RESPONSE_NOT_REPLAYABLE,
-                          f"the request already ran (status {stored.status}) but its response "
-                          f"was not stored for replay (larger than {max_body} bytes, or the "
-                          "memory store was near store.max_bytes)",
-                          "idempotency_not_replayable")
+            return _refuse(ctx, ProblemType.RESPONSE_NOT_REPLAYABLE,
+                           f"the request already ran (status {stored.status}) but its response "
+                           f"was not stored for replay (larger than {self.max_body} bytes, or "
+                           "the memory store was near store.max_bytes)",
+                           "idempotency_not_replayable")
         ctx.idempotency_outcome = IdempotencyOutcome.REPLAY
         return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)
 
-    async def finalise(ctx: RequestContext, recorder: ResponseRecorder, key: str, token: str,
-                       lease_end: float) -> None:
+    async def _execute(self, ctx: RequestContext, key: str, token: str) -> web.StreamResponse:
+        lease_end = asyncio.get_running_loop().time() + self.lease
+        recorder = ResponseRecorder(self.max_body, self.extra)
+
+        async def commit() -> None:
+            # Shielded: a cancelled handler must still leave a finished record behind.
+            await asyncio.shield(_track(self._finalise(ctx, recorder, key, token, lease_end)))
+
+        recorder.on_commit = commit
+        ctx.tap = recorder
+        try:
+            return await self.next(ctx)
+        finally:
+            await recorder.commit()  # when forward did not (an error answer, a cut response)
+
+    async def _finalise(self, ctx: RequestContext, recorder: ResponseRecorder, key: str,
+                        token: str, lease_end: float) -> None:
         decision = ctx.idempotency_decision = decide(
-            ctx.upstream_outcome, recorder.status, store_5xx
+            ctx.upstream_outcome, recorder.status, self.store_5xx
         )
+        store = self.store
         op: Callable[[], Awaitable[bool]]
         if decision == Decision.COMPLETE:
-            stored = recorder.stored()
+            stored, ttl = recorder.stored(), self.ttl
             op = lambda: store.complete(key, token, stored, ttl)  # noqa: E731
         elif decision == Decision.RELEASE:
             op = lambda: store.release(key, token)  # noqa: E731
@@ -194,104 +339,23 @@ def stage(
             ctx.error_type = ctx.error_type or "store_unavailable"
             _spawn(_until_lease_end(op, lease_end))
 
-    async def execute(ctx: RequestContext, key: str, token: str) -> web.StreamResponse:
-        lease_end = asyncio.get_running_loop().time() + lease
-        recorder = ResponseRecorder(max_body, extra)
-
-        async def commit() -> None:
-            # Shielded: a cancelled handler must still leave a finished record behind.
-            await asyncio.shield(_track(finalise(ctx, recorder, key, token, lease_end)))
-
-        recorder.on_commit = commit
-        ctx.tap = recorder
-        try:
-            return await next_handler(ctx)
-        finally:
-            await recorder.commit()  # when forward did not (an error answer, a cut response)
-
-    async def store_failed(ctx: RequestContext, exc: StoreError, key: str, token: str
-                           ) -> web.StreamResponse:
+    async def _store_failed(self, ctx: RequestContext, exc: StoreError, key: str, token: str
+                            ) -> web.StreamResponse:
         ctx.idempotency_outcome = IdempotencyOutcome.STORE_ERROR
         if isinstance(exc, StoreTimeout):  # our claim may still land: take it back
-            lease_end = asyncio.get_running_loop().time() + lease
+            store = self.store
+            lease_end = asyncio.get_running_loop().time() + self.lease
             _spawn(_until_lease_end(lambda: store.release(key, token), lease_end))
-        if fail_open:
+        if self.fail_open:
             ctx.error_type = "store_unavailable"
-            return await next_handler(ctx)
-        return refuse(ctx, ProblemType.STORE_UNAVAILABLE,
-                      f"the idempotency store did not answer ({exc}); the request was not "
-                      "forwarded, retry with the same key", "store_unavailable",
-                      [retry_after(1)])
+            return await self.next(ctx)
+        return _refuse(ctx, ProblemType.STORE_UNAVAILABLE,
+                       f"the idempotency store did not answer ({exc}); the request was not "
+                       "forwarded, retry with the same key", "store_unavailable",
+                       [retry_after(1)])
 
-    async def handle(ctx: RequestContext) -> web.StreamResponse:
-        request = ctx.request
-        if request.method not in methods:
-            return await next_handler(ctx)
-        values = request.headers.getall(HEADER, ())
-        if not values:
-            if required:
-                return refuse(ctx, ProblemType.KEY_MISSING,
-                              f"{request.method} requests on this route need an Idempotency-Key "
-                              "header; generate one per operation and reuse it for retries",
-                              "idempotency_key_missing")
-            ctx.idempotency_outcome = IdempotencyOutcome.BYPASS
-            return await next_handler(ctx)
-        key = parse_key(values[0]) if len(values) == 1 else None
-        if key is None:
-            return refuse(ctx, ProblemType.KEY_INVALID,
-                          "send exactly one Idempotency-Key of 1-255 visible ASCII characters, "
-                          "bare or as a quoted string", "idempotency_key_invalid")
-        payload = b""
-        if request.body_exists:
-            try:
-                payload = await body.read(ctx, limits.max_request_body, limits.body_timeout)
-            except body.BodyError as exc:
-                response = problem(exc.problem, str(exc), ctx.trace_id)
-                response.force_close()
-                return response
-        ctx.body = payload
-        scope_value = None if scope_header is None else request.headers.get(scope_header)
-        storage, identity = record_key(hasher, route_name, key, scope_value)
-        if identity:
-            ctx.user_hash = hasher.log_hash(identity)
-        ctx.idempotency_key_hash = hasher.log_hash(storage)
-        try:
-            fp = await fingerprint_off_loop(
-                request.method,
-                ctx.path,
-                request.rel_url.raw_query_string,
-                request.headers.get("Content-Type"),
-                payload,
-                limits.max_json_depth,
-            )
-        except JsonTooDeep as exc:
-            return refuse(ctx, ProblemType.JSON_TOO_DEEP,
-                          f"{exc}; an Idempotency-Key needs a body that can be fingerprinted",
-                          "request_json_too_deep")
-        # Unique, not secret (it never leaves the proxy and the store: it tells owners apart),
-        # so not from the OS: os.urandom is a syscall per request.
-        token = f"{random.getrandbits(128):032x}"
-        wait_until: float | None = None
-        poll = FIRST_POLL
-        while True:
-            try:
-                record = await store.claim(storage, token, fp, terms)
-            except StoreError as exc:
-                return await store_failed(ctx, exc, storage, token)
-            if record is None:
-                ctx.idempotency_outcome = IdempotencyOutcome.MISS
-                return await execute(ctx, storage, token)
-            if (record.state != RecordState.IN_FLIGHT or record.fingerprint != fp
-                    or wait_timeout is None):
-                return answer(ctx, record, fp)
-            # on_concurrent: wait. Claiming again both polls and takes over a released key.
-            now = asyncio.get_running_loop().time()
-            if wait_until is None:
-                wait_until = now + wait_timeout
-            remaining = wait_until - now
-            if remaining <= 0:
-                return answer(ctx, record, fp)
-            await asyncio.sleep(min(poll, remaining))
-            poll = min(poll * 2, MAX_POLL)
 
-    return handle
+def _refuse(ctx: RequestContext, kind: ProblemType, detail: str, error_type: str,
+            headers: list[tuple[str, str]] | None = None) -> web.Response:
+    ctx.error_type = error_type
+    return problem(kind, detail, ctx.trace_id, headers or ())
