@@ -36,6 +36,7 @@ from proxy.config.models_route import (
     Scope,
 )
 from proxy.config.models_upstream import CircuitBreaker, HealthCheck, Target, Upstream, UpstreamHost
+from proxy.config.store_url import StoreKind
 from proxy.config.units import (
     format_duration,
     format_rate,
@@ -71,6 +72,7 @@ __all__ = [
     "Shutdown",
     "SpanExport",
     "Store",
+    "StoreKind",
     "Target",
     "Tracing",
     "Upstream",

@@ -19,6 +19,7 @@ from proxy.config.env import expand_env
 from proxy.config.errors import ConfigError, did_you_mean, format_path
 from proxy.config.models import Admin, Config, loopback_only
 from proxy.config.models_route import SAFE_METHODS, Route
+from proxy.config.store_url import StoreKind
 
 DEFAULT_PATH = "config/proxy.yaml"
 _PYDANTIC_STEP = re.compile(r"^[a-z][a-z-]*\[.*\]$")
@@ -128,7 +129,7 @@ def _admin_needs_a_token(admin: Admin) -> Iterator[str]:
 def _workers_need_shared_store(config: Config) -> Iterator[str]:
     """Worker processes share nothing in memory: idempotency records and quota counters kept
     there would be per worker, so a retry on another connection could execute again."""
-    if config.workers == 1 or not config.store.url.startswith("memory:"):
+    if config.workers == 1 or config.store.kind is not StoreKind.MEMORY:
         return
     users = [
         f"routes[{i}].{feature}"

@@ -9,12 +9,12 @@ from ipaddress import IPv6Address, ip_address
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model_validator
 
 from proxy.config.fields import HeaderName, HttpUrl, Model, Network, OptionalSetting, Port
 from proxy.config.models_route import Route
 from proxy.config.models_upstream import Upstream
-from proxy.config.store_url import parse_url
+from proxy.config.store_url import StoreKind, parse_url
 from proxy.config.units import Deadline, Duration, PositiveDuration, Size
 
 # Leaves room for the proxy itself (~51Mi idle) and a keyed 10MiB request body being
@@ -67,17 +67,28 @@ class Store(Model):
     max_records: int = Field(default=100_000, ge=1)
     # memory:// only: bytes its records and stored responses may hold (proxy/stores/budget.py).
     max_bytes: Annotated[Size, Field(ge=1024 * 1024)] = DEFAULT_STORE_MAX_BYTES
+    # Parsed from `url` once at load; not a YAML key (so not in `check` output or the hash).
+    _kind: StoreKind = PrivateAttr(default=StoreKind.MEMORY)
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
         scheme = urlsplit(url).scheme
-        known = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
-        if scheme not in known:
-            raise ValueError(f"unknown store scheme {scheme!r}; use one of {', '.join(known)}")
-        if scheme != "memory":
+        if scheme not in set(StoreKind):
+            known = ", ".join(StoreKind)
+            raise ValueError(f"unknown store scheme {scheme!r}; use one of {known}")
+        if scheme != StoreKind.MEMORY:
             parse_url(url)  # raises ValueError naming what is wrong
         return url
+
+    @model_validator(mode="after")
+    def _parse_kind(self) -> Store:
+        self._kind = StoreKind(urlsplit(self.url).scheme)
+        return self
+
+    @property
+    def kind(self) -> StoreKind:
+        return self._kind
 
 
 class Forwarding(Model):
