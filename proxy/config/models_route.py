@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
 
 from proxy.config.fields import TOKEN_RE, HeaderName, Method, Model
 from proxy.config.units import Duration, Rate, Ratio, Size
@@ -61,20 +70,47 @@ class Idempotency(Model):
     replay_headers: list[HeaderName] = Field(default_factory=list)
 
 
+class QuotaKeySource(StrEnum):
+    CLIENT_IP = "client_ip"
+    HEADER = "header"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaKey:
+    """Whose quota a request spends, parsed once at load from `client_ip` or `header:<Name>`
+    (a request without that header spends its client address's quota)."""
+
+    source: QuotaKeySource
+    header: str | None = None  # set exactly when source is HEADER
+
+    def __str__(self) -> str:  # the YAML spelling, for `idemproxy check` and the config hash
+        return self.source if self.header is None else f"{self.source}:{self.header}"
+
+
+def parse_quota_key(value: object) -> QuotaKey:
+    if isinstance(value, QuotaKey):
+        return value
+    if value == QuotaKeySource.CLIENT_IP:
+        return QuotaKey(QuotaKeySource.CLIENT_IP)
+    if isinstance(value, str):
+        source, separator, header = value.partition(":")
+        if source == QuotaKeySource.HEADER and separator and TOKEN_RE.match(header):
+            return QuotaKey(QuotaKeySource.HEADER, header)
+    raise ValueError(f"quota key must be 'client_ip' or 'header:<Name>', got {value!r}")
+
+
+QuotaKeyField = Annotated[
+    QuotaKey, PlainValidator(parse_quota_key), PlainSerializer(str, return_type=str)
+]
+
+
 class Quota(Model):
-    key: str = "client_ip"
+    key: QuotaKeyField = QuotaKey(QuotaKeySource.CLIENT_IP)
     rate: Rate
     burst: int = Field(default=1, ge=1)
     # A quota store failure admits the request by default: quotas protect capacity, they are
     # not a correctness guarantee like idempotency (whose default is store.on_error).
     on_error: Literal["fail_closed", "fail_open"] = "fail_open"
-
-    @field_validator("key")
-    @classmethod
-    def _known_key(cls, key: str) -> str:
-        if key == "client_ip" or (key.startswith("header:") and TOKEN_RE.match(key[7:])):
-            return key
-        raise ValueError(f"quota key must be 'client_ip' or 'header:<Name>', got {key!r}")
 
 
 # Methods a retry can never make execute twice (RFC 9110 §9.2.1 safe methods).

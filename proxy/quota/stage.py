@@ -13,7 +13,7 @@ import math
 
 from aiohttp import web
 
-from proxy.config import Route
+from proxy.config import QuotaKeySource, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import problem
 from proxy.observability.metrics import Cell
@@ -49,7 +49,7 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
     fail_closed refusal is counted by the access log from its error type)."""
     quota = route.quota
     assert quota is not None
-    header = quota.key.removeprefix("header:") if quota.key != "client_ip" else None
+    header = quota.key.header if quota.key.source is QuotaKeySource.HEADER else None
     interval = 1.0 / quota.rate
     burst = quota.burst
     fail_open = quota.on_error == "fail_open"
