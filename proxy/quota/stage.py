@@ -17,7 +17,7 @@ from proxy.config import QuotaKeySource, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import problem
 from proxy.observability.metrics import Cell
-from proxy.quota.limiter import Decision, Limiter
+from proxy.quota.limiter import Decision, Limiter, QuotaStoreError
 
 
 def policy_header(name: str, rate: float, burst: int) -> str:
@@ -60,7 +60,7 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
         identity = f"h:{tenant}" if tenant else f"ip:{ctx.client_ip}"
         try:
             decision = await limiter.acquire(storage_key(route.name, identity), interval, burst)
-        except Exception:  # any store failure: the route's on_error decides
+        except QuotaStoreError:  # the route's on_error decides; anything else is a bug: a 500
             if fail_open:
                 store_errors.value += 1
                 return await next_handler(ctx)
