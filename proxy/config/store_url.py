@@ -8,18 +8,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from proxy.config.urls import redact_url
 
-REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+
+class StoreKind(StrEnum):
+    """The store a URL names, by its scheme: the one place a scheme string is written."""
+
+    MEMORY = "memory"
+    REDIS = "redis"
+    REDISS = "rediss"  # Redis over TLS
+    SENTINEL = "redis+sentinel"
+    CLUSTER = "redis+cluster"
+
+
+REDIS_KINDS = frozenset(StoreKind) - {StoreKind.MEMORY}
 TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile"})
 CERT_REQS = frozenset({"none", "optional", "required"})
 
 
 @dataclass(frozen=True, slots=True)
 class StoreUrl:
-    scheme: str
+    kind: StoreKind
     hosts: list[tuple[str, int]]
     username: str | None
     password: str | None
@@ -31,23 +43,23 @@ class StoreUrl:
 def parse_url(url: str) -> StoreUrl:
     """Split a store URL; several comma-separated hosts are allowed for Sentinel and Cluster."""
     parts = urlsplit(url)
-    scheme = parts.scheme
     shown = redact_url(url)
-    if scheme not in REDIS_SCHEMES:
+    if parts.scheme not in REDIS_KINDS:
         raise ValueError(f"store URL {shown!r}: not a Redis URL")
+    kind = StoreKind(parts.scheme)
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
-    default_port = 26379 if scheme == "redis+sentinel" else 6379
+    default_port = 26379 if kind is StoreKind.SENTINEL else 6379
     hosts = [_host_port(item, default_port) for item in hostlist.split(",") if item]
     if not hosts:
         raise ValueError(f"store URL {shown!r} names no host")
-    if len(hosts) > 1 and scheme in ("redis", "rediss"):
+    if len(hosts) > 1 and kind in (StoreKind.REDIS, StoreKind.REDISS):
         raise ValueError(
             f"store URL {shown!r}: use redis+sentinel or redis+cluster for several hosts"
         )
     segments = [s for s in parts.path.split("/") if s]
     service = None
-    if scheme == "redis+sentinel":
+    if kind is StoreKind.SENTINEL:
         if not segments:
             raise ValueError(f"store URL {shown!r} needs the Sentinel service name: "
                              "redis+sentinel://host:26379/mymaster/0")
@@ -55,17 +67,17 @@ def parse_url(url: str) -> StoreUrl:
     if len(segments) > 1 or (segments and not segments[0].isdigit()):
         raise ValueError(f"store URL {shown!r}: the database must be a number")
     db = int(segments[0]) if segments else 0
-    if db and scheme == "redis+cluster":
+    if db and kind is StoreKind.CLUSTER:
         raise ValueError("Redis Cluster has only database 0")
     return StoreUrl(
-        scheme, hosts, unquote(username) or None, unquote(password) or None, db, service,
-        _tls_options(scheme, parts.query, shown),
+        kind, hosts, unquote(username) or None, unquote(password) or None, db, service,
+        _tls_options(kind, parts.query, shown),
     )
 
 
-def _tls_options(scheme: str, query: str, shown: str) -> dict[str, str]:
+def _tls_options(kind: StoreKind, query: str, shown: str) -> dict[str, str]:
     options = dict(parse_qsl(query, keep_blank_values=True))
-    if options and scheme != "rediss":
+    if options and kind is not StoreKind.REDISS:
         raise ValueError(f"store URL {shown!r}: query options are only for rediss:// (TLS)")
     unknown = sorted(set(options) - TLS_OPTIONS)
     if unknown:

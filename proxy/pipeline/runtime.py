@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy.config import Config, Route
+from proxy.config import Config, Route, StoreKind
 from proxy.http.context import Handler, RequestContext
 from proxy.http.headers import client_address, untrusted_forwarding
 from proxy.http.path import BadPath, normalise
@@ -132,7 +132,7 @@ class Runtime:
         if self.limiter is None:
             self.limiter = (
                 MemoryLimiter(store.max_records)
-                if store.url.startswith("memory:")
+                if store.kind is StoreKind.MEMORY
                 else RedisLimiter(store.url, store.timeout)
             )
         return self.limiter
@@ -142,8 +142,9 @@ class Runtime:
             old = previous.upstreams.get(name)
             if old is not None:
                 upstream.inherit(old)
-        if isinstance(previous.limiter, MemoryLimiter) and self.config.store.url.startswith(
-            "memory:"
+        if (
+            isinstance(previous.limiter, MemoryLimiter)
+            and self.config.store.kind is StoreKind.MEMORY
         ):
             # Taken over: closing the previous runtime must not clear the counters.
             self.limiter, previous.limiter = previous.limiter, None

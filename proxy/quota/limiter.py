@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.redis.resp import RespConnectionError, RespError
 from proxy.redis.scripts import Script, runner_for
 
 _REDIS_STEP = Script("""
@@ -31,6 +34,17 @@ local ttl = math.ceil((new_tat - now) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%d', ttl))
 return {1, new_tat - now}
 """)
+
+
+class QuotaStoreError(Exception):
+    """The quota store failed or did not answer in time: the route's `quota.on_error` decides.
+    Nothing else a limiter raises is one, so a bug is a 500, never quotas silently off."""
+
+
+# What the Redis clients raise when the store, not the proxy, fails: RESP error replies and
+# broken connections, redis-py's errors (RedisClusterException is not a RedisError: an
+# unreachable cluster), and OSError, which includes the TimeoutError of the check's budget.
+_STORE_FAILURES = (RespError, RespConnectionError, RedisError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +65,7 @@ def decide(allowed: bool, ahead: float, interval: float, burst: int) -> Decision
 
 class Limiter(Protocol):
     async def acquire(self, key: str, interval: float, burst: int) -> Decision:
-        """Admit or refuse one request under `key`; raises on a store failure."""
+        """Admit or refuse one request under `key`; raises QuotaStoreError on a store failure."""
         ...
 
     async def close(self) -> None: ...
@@ -94,8 +108,12 @@ class RedisLimiter:
 
     async def acquire(self, key: str, interval: float, burst: int) -> Decision:
         step = max(1, round(interval * 1_000_000))
-        async with asyncio.timeout(self._timeout):
-            allowed, ahead = await self._runner.evaluate(_REDIS_STEP, key, [step, burst])
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._runner.evaluate(_REDIS_STEP, key, [step, burst])
+        except _STORE_FAILURES as exc:
+            raise QuotaStoreError(f"quota store: {exc or type(exc).__name__}") from exc
+        allowed, ahead = reply
         return decide(bool(allowed), int(ahead) / 1_000_000, step / 1_000_000, burst)
 
     async def close(self) -> None:

@@ -13,11 +13,11 @@ import math
 
 from aiohttp import web
 
-from proxy.config import Route
+from proxy.config import QuotaKeySource, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import ProblemType, problem, retry_after
 from proxy.observability.metrics import Cell
-from proxy.quota.limiter import Decision, Limiter
+from proxy.quota.limiter import Decision, Limiter, QuotaStoreError
 
 
 def policy_header(name: str, rate: float, burst: int) -> str:
@@ -49,7 +49,7 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
     fail_closed refusal is counted by the access log from its error type)."""
     quota = route.quota
     assert quota is not None
-    header = quota.key.removeprefix("header:") if quota.key != "client_ip" else None
+    header = quota.key.header if quota.key.source is QuotaKeySource.HEADER else None
     interval = 1.0 / quota.rate
     burst = quota.burst
     fail_open = quota.on_error == "fail_open"
@@ -60,7 +60,7 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
         identity = f"h:{tenant}" if tenant else f"ip:{ctx.client_ip}"
         try:
             decision = await limiter.acquire(storage_key(route.name, identity), interval, burst)
-        except Exception:  # any store failure: the route's on_error decides
+        except QuotaStoreError:  # the route's on_error decides; anything else is a bug: a 500
             if fail_open:
                 store_errors.value += 1
                 return await next_handler(ctx)

@@ -20,7 +20,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelMan
 from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.config.store_url import parse_url
+from proxy.config.store_url import StoreKind, parse_url
 
 MAX_CONNECTIONS = 64
 RETRY_BACKOFF = 0.01
@@ -64,14 +64,14 @@ def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) ->
         "health_check_interval": 0,
     }
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
-    if target.scheme == "redis+cluster":
+    if target.kind is StoreKind.CLUSTER:
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
             max_connections=max_connections,
             **options,
             **auth,
         )
-    if target.scheme == "redis+sentinel":
+    if target.kind is StoreKind.SENTINEL:
         assert target.service is not None
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             target.hosts, sentinel_kwargs=dict(options), **options
@@ -88,7 +88,7 @@ def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) ->
         return client
     host, port = target.hosts[0]
     tls: dict[str, Any] = (
-        {"connection_class": SSLConnection, **target.tls} if target.scheme == "rediss" else {}
+        {"connection_class": SSLConnection, **target.tls} if target.kind is StoreKind.REDISS else {}
     )
     pool = BlockingConnectionPool(
         host=host,

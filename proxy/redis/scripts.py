@@ -17,7 +17,7 @@ from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from proxy.config.store_url import parse_url
+from proxy.config.store_url import StoreKind, parse_url
 from proxy.redis import client as redis_client
 from proxy.redis.resp import Arg, RespClient, RespError
 
@@ -46,7 +46,7 @@ class ScriptRunner(Protocol):
 def runner_for(url: str, timeout: float) -> ScriptRunner:
     """The runner for a store URL; creating it does no I/O."""
     target = parse_url(url)
-    if target.scheme != "redis":
+    if target.kind is not StoreKind.REDIS:
         return RedisPyRunner(redis_client.connect(url, timeout))
     host, port = target.hosts[0]
     return RespRunner(

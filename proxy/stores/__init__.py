@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from proxy.config import Store as StoreConfig
+from proxy.config import StoreKind
 from proxy.stores.base import Store, StoreError, StoreTimeout
 from proxy.stores.memory import MemoryStore
 from proxy.stores.redis import RedisStore
@@ -12,6 +13,6 @@ __all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "StoreTimeout", "
 
 def open_store(config: StoreConfig) -> Store:
     """Build the store named by `config.url`; no I/O happens until the first operation."""
-    if config.url.startswith("memory:"):
+    if config.kind is StoreKind.MEMORY:
         return MemoryStore(config.max_records, max_bytes=config.max_bytes)
     return RedisStore.from_url(config.url, config.timeout)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, parse
+from proxy.config import ConfigError, QuotaKey, QuotaKeySource, parse
 
 
 def config(upstream: dict[str, Any] | None = None, route: dict[str, Any] | None = None) -> Any:
@@ -168,3 +168,33 @@ def test_retry_classes_no_method_of_the_route_can_use_are_rejected() -> None:
     ]
     route["retries"] = {"on": ["not_sent"]}
     assert parse(config(route=route), env={}).routes[0].retries is not None
+
+
+@pytest.mark.parametrize(
+    ("written", "key"),
+    [
+        (None, QuotaKey(QuotaKeySource.CLIENT_IP)),
+        ("client_ip", QuotaKey(QuotaKeySource.CLIENT_IP)),
+        ("header:X-Tenant", QuotaKey(QuotaKeySource.HEADER, "X-Tenant")),
+        ("header:x-api-key", QuotaKey(QuotaKeySource.HEADER, "x-api-key")),
+    ],
+)
+def test_quota_key_is_parsed_once_and_printed_as_written(written: str | None, key: QuotaKey) -> None:
+    quota: dict[str, Any] = {"rate": "5/s"} if written is None else {"rate": "5/s", "key": written}
+    parsed = parse(config(route={"quota": quota}), env={})
+    assert parsed.routes[0].quota is not None
+    assert parsed.routes[0].quota.key == key
+    dumped = parsed.model_dump(mode="json")  # what `idemproxy check` prints
+    assert dumped["routes"][0]["quota"]["key"] == (written or "client_ip")
+    assert parse(dumped, env={}) == parsed
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["header:", "header", "Header:X", "client_ip:X", "header:X Tenant", "header:X:Y", "cookie:x", 5],
+)
+def test_quota_key_rejects_other_spellings(written: object) -> None:
+    found = problems(config(route={"quota": {"rate": "5/s", "key": written}}))
+    assert found == [
+        f"routes[0].quota.key: quota key must be 'client_ip' or 'header:<Name>', got {written!r}"
+    ]

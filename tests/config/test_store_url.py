@@ -1,6 +1,6 @@
 import pytest
 
-from proxy.config import ConfigError, parse
+from proxy.config import ConfigError, StoreKind, parse
 from proxy.config.store_url import parse_url
 from proxy.config.urls import redact_url
 from tests.support.proxy_process import base_config
@@ -8,7 +8,7 @@ from tests.support.proxy_process import base_config
 
 def test_parse_standalone() -> None:
     url = parse_url("redis://:pw@cache:6380/2")
-    assert (url.scheme, url.hosts, url.password, url.db) == ("redis", [("cache", 6380)], "pw", 2)
+    assert (url.kind, url.hosts, url.password, url.db) == ("redis", [("cache", 6380)], "pw", 2)
     assert parse_url("rediss://user:p%40ss@h").username == "user"
     assert parse_url("rediss://user:p%40ss@h").password == "p@ss"
     assert parse_url("redis://h").hosts == [("h", 6379)]
@@ -61,3 +61,36 @@ def test_config_rejects_a_bad_store_url_by_path() -> None:
     assert error.value.problems[0].startswith("store.url: ")
     assert "service name" in error.value.problems[0]
     assert "pw" not in error.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("memory://", StoreKind.MEMORY),
+        ("memory:", StoreKind.MEMORY),
+        ("redis://h", StoreKind.REDIS),
+        ("rediss://h?ssl_cert_reqs=none", StoreKind.REDISS),
+        ("redis+sentinel://s:26379/mymaster", StoreKind.SENTINEL),
+        ("redis+cluster://a:7000,b:7001", StoreKind.CLUSTER),
+    ],
+)
+def test_store_kind_is_parsed_once_at_load(url: str, kind: StoreKind) -> None:
+    config = parse(base_config("http://127.0.0.1:1", store={"url": url}), env={})
+    assert config.store.kind is kind
+    if kind is not StoreKind.MEMORY:
+        assert parse_url(url).kind is kind
+    # Derived, not a key: `idemproxy check` prints the config as written, and it loads again.
+    dumped = config.model_dump(mode="json")
+    assert "kind" not in dumped["store"]
+    assert parse(dumped, env={}).store.kind is kind
+
+
+def test_every_store_kind_is_a_known_scheme() -> None:
+    """The scheme list in the error message is the enum: a new kind cannot be left out."""
+    config = base_config("http://127.0.0.1:1", store={"url": "memcached://h"})
+    with pytest.raises(ConfigError) as error:
+        parse(config, env={})
+    assert error.value.problems == [
+        "store.url: unknown store scheme 'memcached'; use one of "
+        "memory, redis, rediss, redis+sentinel, redis+cluster"
+    ]
