@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import auth, health, keys
+from proxy.admin import auth, checks, keys, probes
 from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
@@ -232,7 +232,7 @@ async def check_store(store: Store) -> None:
         )
 
 
-def target_states(plane: DataPlane) -> health.TargetStates:
+def target_states(plane: DataPlane) -> checks.TargetStates:
     """For /health (read from the admin thread): each checked or circuit-broken upstream of the
     running config with its targets' weight and circuit state."""
 
@@ -289,7 +289,7 @@ async def serve(
         plane.runtime.metrics.store_memory = store.budget
     plane.runtime.metrics.upstream_inflight = upstream_inflight
     await monitor.attach(config, store)
-    plane.probes = health.probes(monitor)
+    plane.probes = probes.probes(monitor)
     reloader = Reloader(path, plane, monitor)
     lifecycle = Lifecycle(plane, monitor, reloader)
     server = data_server(plane, config)

@@ -31,7 +31,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from proxy import __version__
 from proxy.admin import auth, keys
 from proxy.admin.fleet_metrics import FleetMetrics
-from proxy.admin.health import HEALTH_JSON, ready_text
+from proxy.admin.probes import HEALTH_JSON, ready_text
 from proxy.config import Config
 from proxy.observability import events, logsink
 from proxy.observability.events import emit, iso_time
