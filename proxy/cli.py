@@ -13,7 +13,7 @@ import yaml
 
 from proxy import __version__
 from proxy.admin import auth
-from proxy.admin.health import connect_report
+from proxy.admin.connect import connect_report
 from proxy.config import DEFAULT_PATH, Config, ConfigError, load
 from proxy.config.urls import redact_url
 from proxy.server import serve as server

@@ -1,7 +1,8 @@
 """One /metrics for a supervisor's workers: each worker's exposition, parsed and summed.
 
-Workers keep their plain in-process counters (proxy/metrics.py: nothing is added to the request
-path); the supervisor scrapes every worker's private admin socket when it is scraped itself.
+Workers keep their plain in-process counters (proxy/observability/instruments.py: nothing is
+added to the request path); the supervisor scrapes every worker's private admin socket when it
+is scraped itself.
 Counters and histograms add up across workers, and so do gauges of amounts (requests in
 progress). Gauges that describe a state (`PER_WORKER_GAUGES`) cannot be added: they keep one
 series per worker, with a `worker` label; a few (`_COMBINE`: start time, fd limit, build info)

@@ -23,8 +23,9 @@ from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import ProblemType, problem
 from proxy.observability.answers import proxy_reason
 from proxy.observability.events import emit, iso_time
+from proxy.observability.instruments import OTHER_METHOD
 from proxy.observability.logsink import LineWriter
-from proxy.observability.metrics import OTHER_METHOD, Metrics
+from proxy.observability.metrics import Metrics
 from proxy.observability.spans import SpanSink
 
 # Trace flags whose sampled bit (0x01) is set: the second hex digit is odd.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
 from proxy.config import SpanExport
-from proxy.observability.metrics import Cell
+from proxy.observability.instruments import Cell
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan

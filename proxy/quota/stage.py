@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy.config import QuotaKeySource, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import ProblemType, problem, retry_after
-from proxy.observability.metrics import Cell
+from proxy.observability.instruments import Cell
 from proxy.quota.limiter import Decision, Limiter, QuotaStoreError
 
 

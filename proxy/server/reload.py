@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.admin.health import HealthMonitor, ReloadAttempt
+from proxy.admin.health import HealthMonitor
+from proxy.admin.reloads import ReloadAttempt
 from proxy.config import Config, ConfigError, config_hash, load
 from proxy.config.urls import redact_url
 from proxy.observability import events

@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import auth, health, keys
+from proxy.admin import auth, keys
 from proxy.admin.health import HealthMonitor
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash
@@ -32,9 +32,9 @@ from proxy.pipeline.runtime import DataPlane, Runtime, admin_app
 from proxy.server import reload
 from proxy.server.lifecycle import Lifecycle
 from proxy.server.reload import Reloader
+from proxy.server.wiring import wire
 from proxy.server.worker_role import WorkerRole
 from proxy.stores import MemoryStore, Store, StoreError, open_store
-from proxy.upstream.breaker import STATE_VALUES
 
 # aiohttp's own parser limits; the proxy's limits (config `limits:`) apply inside them.
 MAX_REQUEST_LINE = 8190
@@ -230,20 +230,6 @@ async def check_store(store: Store) -> None:
         )
 
 
-def target_states(plane: DataPlane) -> health.TargetStates:
-    """For /health (read from the admin thread): each checked or circuit-broken upstream of the
-    running config with its targets' weight and circuit state."""
-
-    def states() -> dict[str, list[dict[str, object]]]:
-        return {
-            name: upstream.snapshot()
-            for name, upstream in list(plane.runtime.upstreams.items())
-            if upstream.config.circuit_breaker is not None or upstream.config.health is not None
-        }
-
-    return states
-
-
 async def serve(
     config: Config, path: str, role: WorkerRole | None = None, admin_token: str | None = None
 ) -> None:
@@ -263,31 +249,8 @@ async def serve(
     await check_store(store)
     plane = DataPlane(Runtime(config, store))
     monitor = HealthMonitor()
-
-    def target_health(upstream: str, index: int, healthy: bool) -> None:
-        current = plane.runtime.upstreams.get(upstream)  # a reload may have dropped it
-        if current is not None and index < len(current.targets):
-            current.set_target_healthy(index, healthy)
-
-    def circuit_states() -> list[tuple[str, str, float]]:
-        return [
-            (name, label, STATE_VALUES[state])
-            for name, upstream in list(plane.runtime.upstreams.items())
-            for label, state in upstream.circuit_labels()
-        ]
-
-    def upstream_inflight() -> dict[str, int]:
-        return {name: u.inflight for name, u in list(plane.runtime.upstreams.items())}
-
-    monitor.on_target = target_health
-    monitor.target_states = target_states(plane)
-    plane.runtime.metrics.upstream_up = monitor.upstream_up
-    plane.runtime.metrics.circuit_states = circuit_states
-    if isinstance(store, MemoryStore):
-        plane.runtime.metrics.store_memory = store.budget
-    plane.runtime.metrics.upstream_inflight = upstream_inflight
+    wire(plane, monitor, store)
     await monitor.attach(config, store)
-    plane.probes = health.probes(monitor)
     reloader = Reloader(path, plane, monitor)
     lifecycle = Lifecycle(plane, monitor, reloader)
     server = data_server(plane, config)

@@ -1,12 +1,13 @@
 """`workers: N`: what `idemproxy run` becomes when N > 1.
 
 The supervisor starts N worker processes (this interpreter running `proxy run` again, told its
-index and private admin socket through the environment: proxy/worker_role.py). Each worker
-binds the data port with SO_REUSEPORT, so the kernel spreads new connections over them; the
-supervisor carries no data traffic. It binds the admin port itself and answers there from what
-the workers report over their sockets. SIGTERM and SIGINT drain every worker, SIGHUP makes each
-reload the file. A worker that exits unexpectedly is restarted with backoff; one that keeps
-exiting soon after its start (a port taken, a broken environment) stops the whole supervisor.
+index and private admin socket through the environment: proxy/server/worker_role.py). Each
+worker binds the data port with SO_REUSEPORT, so the kernel spreads new connections over them;
+the supervisor carries no data traffic. It binds the admin port itself and answers there from
+what the workers report over their sockets (proxy/admin/fleet.py). SIGTERM and SIGINT drain
+every worker, SIGHUP makes each reload the file. A worker that exits unexpectedly is restarted
+with backoff; one that keeps exiting soon after its start (a port taken, a broken environment)
+stops the whole supervisor.
 """
 
 from __future__ import annotations
@@ -22,20 +23,12 @@ import time
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from proxy import __version__
-from proxy.admin import auth, keys
-from proxy.admin.fleet_metrics import FleetMetrics
-from proxy.admin.health import HEALTH_JSON, ready_text
+from proxy.admin.fleet import FleetAdmin
 from proxy.config import Config
 from proxy.observability import events, logsink
-from proxy.observability.events import emit, iso_time
-from proxy.pipeline.runtime import admin_app, same_origin_only
+from proxy.observability.events import emit
 from proxy.server.worker_role import WorkerRole
 
 # Each worker's /live and /ready are read this often; the supervisor's probes answer from that.
@@ -51,7 +44,6 @@ KILL_MARGIN = 5.0
 # Bound on one request to a worker's admin socket.
 ASK_TIMEOUT = 2.0
 EXIT_CRASH_LOOP = 1
-_STATUS_ORDER = {"pass": 0, "warn": 1, "fail": 2}
 
 
 def exit_status(returncode: int) -> int:
@@ -150,7 +142,7 @@ class Supervisor:
         self.trigger = ""
         self.exit_code = 0
         self.restarts = 0
-        self.fleet = FleetMetrics()
+        self.admin = FleetAdmin(self)
         self._dir = tempfile.mkdtemp(prefix="idemproxy-workers-")  # mode 0700: private
         self.workers = [
             Worker(WorkerRole(i, os.path.join(self._dir, f"worker-{i}.sock"), os.getpid()))
@@ -159,7 +151,8 @@ class Supervisor:
 
     async def run(self) -> int:
         """Supervise until told to stop, drain every worker, and return the worst exit code."""
-        runner = web.AppRunner(self.admin_app(), handle_signals=False, access_log=None)
+        admin_app = self.admin.app(self.config.admin, self.admin_token)
+        runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await runner.setup()
         loop = asyncio.get_running_loop()
         try:
@@ -211,7 +204,7 @@ class Supervisor:
             emit("worker_started", worker=worker.index, pid=pid, restarts=worker.restarts)
             returncode = await worker.process.wait()
             worker.live = worker.ready = False
-            self.fleet.retire(worker.index)
+            self.admin.metrics.retire(worker.index)
             uptime = time.monotonic() - worker.started
             exited = {"worker": worker.index, "pid": pid, **describe_exit(returncode)}
             if self.stop.is_set():
@@ -256,138 +249,6 @@ class Supervisor:
         while True:
             await asyncio.gather(*(worker.poll() for worker in self.workers))
             await asyncio.sleep(POLL)
-
-    # --- the admin port -------------------------------------------------------------------
-
-    def admin_app(self) -> web.Application:
-        probes = {"/live": self._live, "/ready": self._ready, "/health": self._health}
-        actions = {
-            "/admin/drain": same_origin_only(self._drain_action),
-            "/admin/reload": same_origin_only(self._reload_action),
-            **keys.forwarded(self.workers),
-        }
-        # The workers' sockets need no token: only this process can reach them.
-        return admin_app(
-            probes, actions, self._metrics, auth.guard(self.config.admin, self.admin_token)
-        )
-
-    async def _live(self, request: web.BaseRequest) -> web.Response:
-        """200 when every worker answered its own /live at the last poll (a worker being
-        restarted does not, for a moment)."""
-        down = [str(w.index) for w in self.workers if not w.live]
-        if down:
-            return web.Response(status=503, text=f"workers not live: {', '.join(down)}\n")
-        return web.Response(text="ok")
-
-    async def _ready(self, request: web.BaseRequest) -> web.Response:
-        checks = [(f"worker:{w.index}", w.live and w.ready) for w in self.workers]
-        checks.append(("shutdown", not self.stop.is_set()))
-        status, text = ready_text(checks, "verbose" in request.query)
-        return web.Response(status=status, text=text)
-
-    async def _health(self, request: web.BaseRequest) -> web.Response:
-        answers = await asyncio.gather(*(w.ask("GET", "/health") for w in self.workers))
-        documents = [orjson.loads(a[1]) if a is not None else None for a in answers]
-        document = fleet_health(self.workers, documents, self.stop.is_set())
-        return web.Response(
-            status=503 if document["status"] == "fail" else 200,
-            body=orjson.dumps(document),
-            content_type=HEALTH_JSON,
-            headers={"Cache-Control": "no-store"},
-        )
-
-    async def _metrics(self, request: web.BaseRequest) -> web.Response:
-        answers = await asyncio.gather(*(w.ask("GET", "/metrics") for w in self.workers))
-        for worker, answer in zip(self.workers, answers, strict=True):
-            if answer is not None and answer[0] == 200:
-                self.fleet.observed(worker.index, answer[1].decode())
-        registry = CollectorRegistry()
-        registry.register(_Families([*self.fleet.merged(), *self._own_metrics()]))
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
-
-    def _own_metrics(self) -> list[Metric]:
-        return [
-            GaugeMetricFamily(
-                "idemproxy_workers",
-                "Worker processes answering /live.",
-                value=sum(w.live for w in self.workers),
-            ),
-            CounterMetricFamily(
-                "idemproxy_worker_restarts",
-                "Workers restarted after an unexpected exit.",
-                value=self.restarts,
-            ),
-        ]
-
-    async def _drain_action(self, request: web.BaseRequest) -> web.Response:
-        self.request_stop("admin")
-        body = {"status": "draining", "since": iso_time(time.time())}
-        return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
-
-    async def _reload_action(self, request: web.BaseRequest) -> web.Response:
-        """Every worker reloads the file; 200 when all succeeded (or found it unchanged), 422
-        when one refused it, 503 when one did not answer."""
-        answers = await asyncio.gather(*(w.ask("POST", "/admin/reload") for w in self.workers))
-        results = {
-            str(w.index): orjson.loads(a[1]) if a is not None else None
-            for w, a in zip(self.workers, answers, strict=True)
-        }
-        if any(a is None for a in answers):
-            status = 503
-        else:
-            status = max(a[0] for a in answers if a is not None)
-        return web.Response(
-            status=status, body=orjson.dumps({"workers": results}), content_type="application/json"
-        )
-
-
-class _Families:
-    """A collector over metric families built for one scrape."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
-def fleet_health(
-    workers: list[Worker], documents: list[dict[str, Any] | None], draining: bool
-) -> dict[str, Any]:
-    """The supervisor's application/health+json: one check per worker (its own status, `fail`
-    when it did not answer) and each worker's whole document under `workers`."""
-    now = iso_time(time.time())
-    checks: dict[str, list[dict[str, Any]]] = {}
-    statuses = ["fail" if draining else "pass"]
-    for worker, document in zip(workers, documents, strict=True):
-        status = document["status"] if document is not None else "fail"
-        statuses.append(status)
-        check: dict[str, Any] = {
-            "status": status,
-            "componentType": "system",
-            "observedValue": worker.process.pid if worker.process is not None else None,
-            "observedUnit": "pid",
-            "time": now,
-            "restarts": worker.restarts,
-        }
-        output = document.get("output") if document is not None else "not answering"
-        if output:
-            check["output"] = output
-        checks[f"worker:{worker.index}"] = [check]
-    checks["proxy:draining"] = [
-        {"status": statuses[0], "componentType": "system", "observedValue": draining, "time": now}
-    ]
-    releases = {d.get("releaseId") for d in documents if d is not None}
-    status = max(statuses, key=_STATUS_ORDER.__getitem__)
-    return {
-        "status": status,
-        "version": __version__,
-        "releaseId": releases.pop() if len(releases) == 1 else None,
-        "description": f"idemproxy supervisor of {len(workers)} workers",
-        "checks": checks,
-        "workers": {str(w.index): d for w, d in zip(workers, documents, strict=True)},
-    }
 
 
 async def supervise(config: Config, path: str, admin_token: str | None = None) -> int:

@@ -19,7 +19,8 @@ from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
 from proxy.http.problem import ProblemType
 from proxy.observability.events import emit
-from proxy.observability.metrics import Metrics, TargetMetrics, process_metrics
+from proxy.observability.instruments import TargetMetrics
+from proxy.observability.metrics import Metrics, process_metrics
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
 from proxy.upstream.h1 import H1Transport
 from proxy.upstream.h1_connection import Report, Violation

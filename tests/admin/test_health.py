@@ -14,8 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.admin import health
-from proxy.admin.health import HealthMonitor, ReloadAttempt
+from proxy.admin import health, probes
+from proxy.admin.health import HealthMonitor
+from proxy.admin.reloads import ReloadAttempt
 from proxy.admin.thread import AdminThread
 from proxy.config import Config, config_hash, parse
 from proxy.config import Store as StoreConfig
@@ -50,7 +51,7 @@ async def make_admin(aiohttp_client: Any) -> AsyncIterator[MakeAdmin]:
         if store is not None:
             stores.append(store)
         await monitor.attach(config, store)
-        client: Admin = await aiohttp_client(admin_app(health.probes(monitor), {}))
+        client: Admin = await aiohttp_client(admin_app(probes.probes(monitor), {}))
         return client, monitor
 
     yield factory
@@ -291,7 +292,7 @@ async def test_probes_on_the_data_port_only_when_enabled(
     client = await make_proxy(config)
     monitor = HealthMonitor()
     await monitor.attach(parse(config, env={}), None)
-    client.server.plane.probes = health.probes(monitor)
+    client.server.plane.probes = probes.probes(monitor)
     try:
         for path in ("/live", "/ready", "/health"):
             response = await client.get(path)
@@ -324,7 +325,7 @@ async def test_admin_thread_answers_while_the_main_loop_is_blocked(
     monitor = HealthMonitor()
     await monitor.attach(config_for(upstream.url), None)
     port = free_port()
-    admin = AdminThread(admin_app(health.probes(monitor), {}), "127.0.0.1", port)
+    admin = AdminThread(admin_app(probes.probes(monitor), {}), "127.0.0.1", port)
     await admin.start()
     try:
         answered: list[int] = []

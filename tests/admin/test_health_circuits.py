@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from proxy.admin.health import HealthMonitor, upstream_check
 from proxy.config import parse
 from proxy.pipeline.runtime import DataPlane
-from proxy.server.serve import target_states
+from proxy.server.wiring import target_states
 from tests.conftest import MakeProxy
 from tests.support.eventually import eventually
 from tests.support.upstream import RecordingUpstream

@@ -11,7 +11,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse
-from proxy.observability.metrics import BUCKETS, Metrics
+from proxy.observability.instruments import BUCKETS
+from proxy.observability.metrics import Metrics
 from proxy.pipeline.runtime import Runtime
 from tests.support.observed import observe
 from tests.support.proxy_process import base_config
