@@ -1,5 +1,6 @@
 """`python -m bench.multiproc_cost`: what one request's metrics cost in idemproxy's plain cells
-(proxy/metrics.py) against prometheus-client's multiprocess mode (memory-mapped values), the
+(proxy/observability/instruments.py) against prometheus-client's multiprocess mode
+(memory-mapped values), the
 alternative for `workers: N`. One request = one counter increment + one histogram observation.
 """
 

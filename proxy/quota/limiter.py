@@ -15,10 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.exceptions import RedisClusterException, RedisError
-
-from proxy.redis.resp import RespConnectionError, RespError
-from proxy.redis.scripts import Script, runner_for
+from proxy.redis.scripts import STORE_FAILURES, Script, runner_for
 
 _REDIS_STEP = Script("""
 local t = redis.call('TIME')
@@ -41,10 +38,6 @@ class QuotaStoreError(Exception):
     Nothing else a limiter raises is one, so a bug is a 500, never quotas silently off."""
 
 
-# What the Redis clients raise when the store, not the proxy, fails: RESP error replies and
-# broken connections, redis-py's errors (RedisClusterException is not a RedisError: an
-# unreachable cluster), and OSError, which includes the TimeoutError of the check's budget.
-_STORE_FAILURES = (RespError, RespConnectionError, RedisError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +104,7 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._runner.evaluate(_REDIS_STEP, key, [step, burst])
-        except _STORE_FAILURES as exc:
+        except STORE_FAILURES as exc:
             raise QuotaStoreError(f"quota store: {exc or type(exc).__name__}") from exc
         allowed, ahead = reply
         return decide(bool(allowed), int(ahead) / 1_000_000, step / 1_000_000, burst)

@@ -15,11 +15,17 @@ from typing import Any, Protocol
 
 from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from proxy.config.store_url import StoreKind, parse_url
 from proxy.redis import client as redis_client
-from proxy.redis.resp import Arg, RespClient, RespError
+from proxy.redis.resp import Arg, RespClient, RespConnectionError, RespError
+
+# What the Redis clients raise when the store, not the proxy, fails: RESP error replies and
+# broken connections, redis-py's errors (RedisClusterException is not a RedisError: an
+# unreachable cluster), and OSError, which includes TimeoutError. The idempotency store and the
+# quota limiter both turn exactly these into their store errors; anything else is a bug.
+STORE_FAILURES = (RespError, RespConnectionError, RedisError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.redis.resp import Arg, RespConnectionError, RespError
-from proxy.redis.scripts import Script, ScriptRunner, runner_for
+from proxy.redis.resp import Arg, RespError
+from proxy.redis.scripts import STORE_FAILURES, Script, ScriptRunner, runner_for
 from proxy.stores.base import (
     READABLE_VERSIONS,
     SCHEMA_VERSION,
@@ -203,7 +203,7 @@ class RedisStore:
                 return await coro
         except (TimeoutError, RedisTimeoutError) as exc:
             raise StoreTimeout(f"redis did not answer within {self.budget:g}s") from exc
-        except (RedisError, RespError, RespConnectionError, OSError) as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"redis: {exc or type(exc).__name__}") from exc
 
     def _evaluate(self, script: Script, key: str, args: Sequence[Arg] = ()) -> Any:

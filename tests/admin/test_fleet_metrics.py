@@ -1,4 +1,4 @@
-"""Summing the workers' expositions (the supervisor's /metrics, proxy/fleet_metrics.py)."""
+"""Summing the workers' expositions (the supervisor's /metrics, proxy/admin/fleet_metrics.py)."""
 
 from __future__ import annotations
 

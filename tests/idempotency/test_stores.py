@@ -11,6 +11,7 @@ from proxy.config import Store as StoreConfig
 from proxy.stores import MemoryStore, RedisStore, Store, StoreError, open_store
 from proxy.stores.base import Lease, RecordState, StoredResponse
 from proxy.stores.redis import redis_key
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
 IN_FLIGHT, COMPLETED, INDETERMINATE = RecordState
@@ -246,5 +247,19 @@ async def test_redis_reports_an_evicting_policy(redis_server: Callable[..., Redi
     store = RedisStore.from_url(redis.url, 0.5)
     try:
         assert await store.eviction_policy() == "allkeys-lru"
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+sentinel", "redis+cluster"])
+async def test_an_unreachable_store_of_any_kind_is_a_store_error(scheme: str) -> None:
+    """redis-py's cluster client raises RedisClusterException, which is not a RedisError: it
+    must still be a StoreError (503 or fail_open), never a 500."""
+    port = free_port()  # nothing listens there
+    path = "/mymaster" if scheme == "redis+sentinel" else ""
+    store = RedisStore.from_url(f"{scheme}://127.0.0.1:{port}{path}", 1.0)
+    try:
+        with pytest.raises(StoreError):
+            await store.claim("k", "owner", "fp", Lease(5, 60))
     finally:
         await store.close()
