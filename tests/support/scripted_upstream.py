@@ -1,10 +1,14 @@
-"""A byte-level upstream: records every request exactly as received, per connection, and answers
-with scripted bytes, so client-side framing and parsing can be checked byte for byte."""
+"""A byte-level upstream on the test's own event loop: records every request exactly as received
+and answers each with the next scripted step, so the h1 client's framing and parsing can be
+checked byte for byte. (`raw_upstream.RawUpstream` is the threaded one, scripted per path, for
+tests against a real `idemproxy run` process; both read requests with the same function.)"""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+
+from tests.support.raw_upstream import IncompleteRequest, read_request
 
 CLOSE = object()  # script step: close the connection without answering
 STALL = object()  # script step: never answer (the connection stays open)
@@ -19,7 +23,7 @@ class Step:
 
 
 @dataclass
-class RawUpstream:
+class ScriptedUpstream:
     script: list[Step] = field(default_factory=list)
     requests: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -28,7 +32,7 @@ class RawUpstream:
     _server: asyncio.Server | None = None
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
-    async def start(self) -> RawUpstream:
+    async def start(self) -> ScriptedUpstream:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -52,10 +56,13 @@ class RawUpstream:
         self._writers.append(writer)
         try:
             while True:
-                request = await read_request(reader)
+                try:
+                    request = await read_request(reader)
+                except IncompleteRequest:
+                    break
                 if request is None:
                     break
-                self.requests.append(request)
+                self.requests.append(request.raw)
                 self.arrived.set()
                 step = (
                     self.script.pop(0)
@@ -75,27 +82,3 @@ class RawUpstream:
             pass
         finally:
             writer.close()
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes | None:
-    """One request's exact bytes (head plus a Content-Length or chunked body); None at EOF."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    fields = {
-        name.strip().lower(): value.strip()
-        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
-    }
-    if b"content-length" in fields:
-        return head + await reader.readexactly(int(fields[b"content-length"]))
-    if fields.get(b"transfer-encoding") == b"chunked":
-        body = b""
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            body += size_line
-            size = int(size_line.strip(), 16)
-            body += await reader.readexactly(size + 2)
-            if size == 0:
-                return head + body
-    return head

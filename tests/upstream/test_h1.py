@@ -17,14 +17,14 @@ from proxy.upstream.transport import (
     UpstreamTimeout,
 )
 from tests.support.ports import free_port
-from tests.support.scripted_upstream import CLOSE, STALL, RawUpstream
+from tests.support.scripted_upstream import CLOSE, STALL, ScriptedUpstream
 
 MakeTransport = Callable[..., H1Transport]
 
 
 @pytest.fixture
-async def raw() -> AsyncIterator[RawUpstream]:
-    upstream = await RawUpstream().start()
+async def raw() -> AsyncIterator[ScriptedUpstream]:
+    upstream = await ScriptedUpstream().start()
     yield upstream
     await upstream.stop()
 
@@ -67,7 +67,7 @@ OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 # --- request framing -------------------------------------------------------------------------
 
 
-async def test_get_without_body_is_sent_exactly(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_get_without_body_is_sent_exactly(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(OK_HELLO)
     response = await h1(raw.url).send("GET", "/a%20b?x=1&y", [("X-One", "1"), ("x-two", "2")], None)
     assert await read_all(response) == b"hello"
@@ -77,25 +77,25 @@ async def test_get_without_body_is_sent_exactly(raw: RawUpstream, h1: MakeTransp
     ]
 
 
-async def test_base_url_path_prefixes_the_target(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_base_url_path_prefixes_the_target(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(OK_HELLO)
     await read_all(await h1(raw.url + "/api/").send("GET", "/v1", [], None))
     assert raw.requests[0].startswith(b"GET /api/v1 HTTP/1.1\r\n")
 
 
-async def test_bytes_body_gets_its_content_length(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_bytes_body_gets_its_content_length(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(OK_HELLO)
     await read_all(await h1(raw.url).send("POST", "/p", [("Content-Type", "text/plain")], b"abc"))
     assert raw.requests[0].endswith(b"Content-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc")
 
 
-async def test_post_without_body_says_length_zero(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_post_without_body_says_length_zero(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(OK_HELLO)
     await read_all(await h1(raw.url).send("POST", "/p", [], None))
     assert raw.requests[0].endswith(b"\r\nContent-Length: 0\r\n\r\n")
 
 
-async def test_stream_without_length_is_chunked(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_stream_without_length_is_chunked(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(OK_HELLO)
     await read_all(await h1(raw.url).send("PUT", "/p", [], parts(b"ab", b"", b"cdefghijklmnopq")))
     assert raw.requests[0].endswith(
@@ -103,7 +103,7 @@ async def test_stream_without_length_is_chunked(raw: RawUpstream, h1: MakeTransp
     )
 
 
-async def test_stream_with_declared_length_is_sent_raw(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_stream_with_declared_length_is_sent_raw(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(OK_HELLO)
     headers = [("Content-Length", "6")]
     await read_all(await h1(raw.url).send("POST", "/p", headers, parts(b"abc", b"def")))
@@ -111,13 +111,13 @@ async def test_stream_with_declared_length_is_sent_raw(raw: RawUpstream, h1: Mak
     assert raw.requests[0].count(b"Content-Length") == 1
 
 
-async def test_stream_longer_than_its_length_is_cut(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_stream_longer_than_its_length_is_cut(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     with pytest.raises(UpstreamBroken, match="longer than its Content-Length"):
         await h1(raw.url).send("POST", "/p", [("Content-Length", "2")], parts(b"abc"))
 
 
 async def test_failing_request_body_is_broken_not_not_sent(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     async def failing() -> AsyncIterator[bytes]:
         yield b"partial"
@@ -129,7 +129,7 @@ async def test_failing_request_body_is_broken_not_not_sent(
 
 
 async def test_header_bytes_that_are_not_utf8_pass_unchanged(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     # aiohttp's server hands them over as surrogate escapes; aiohttp's client drops them.
     raw.answer(OK_HELLO)
@@ -139,7 +139,7 @@ async def test_header_bytes_that_are_not_utf8_pass_unchanged(
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
 async def test_cr_or_lf_in_a_header_is_never_sent(
-    raw: RawUpstream, h1: MakeTransport, value: str
+    raw: ScriptedUpstream, h1: MakeTransport, value: str
 ) -> None:
     with pytest.raises(UpstreamNotSent):
         await h1(raw.url).send("GET", "/", [("X-Evil", value)], None)
@@ -149,7 +149,7 @@ async def test_cr_or_lf_in_a_header_is_never_sent(
 # --- response framing and keep-alive --------------------------------------------------------
 
 
-async def test_content_length_response_and_reuse(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_content_length_response_and_reuse(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 201 Created Here\r\nX-A: 1\r\nX-A: 2\r\nContent-Length: 3\r\n\r\nabc")
     raw.answer(OK_HELLO)
     transport = h1(raw.url)
@@ -161,7 +161,7 @@ async def test_content_length_response_and_reuse(raw: RawUpstream, h1: MakeTrans
     assert raw.connections == 1
 
 
-async def test_chunked_response_is_decoded_and_reused(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_chunked_response_is_decoded_and_reused(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n5;ext=1\r\ndefgh\r\n0\r\nX-Trailer: t\r\n\r\n"
@@ -175,7 +175,7 @@ async def test_chunked_response_is_decoded_and_reused(raw: RawUpstream, h1: Make
     assert raw.connections == 1
 
 
-async def test_close_delimited_response_reads_to_eof(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_close_delimited_response_reads_to_eof(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", close=True)
     raw.answer(OK_HELLO)
     transport = h1(raw.url)
@@ -187,7 +187,7 @@ async def test_close_delimited_response_reads_to_eof(raw: RawUpstream, h1: MakeT
 
 
 async def test_long_idle_connection_is_not_reused(
-    raw: RawUpstream, h1: MakeTransport, monkeypatch: pytest.MonkeyPatch
+    raw: ScriptedUpstream, h1: MakeTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("proxy.upstream.h1.IDLE_TIMEOUT", 0.0)
     raw.answer(OK_HELLO)
@@ -207,7 +207,7 @@ async def test_long_idle_connection_is_not_reused(
     ids=["connection-close", "http-1.0"],
 )
 async def test_no_reuse_when_the_upstream_says_so(
-    raw: RawUpstream, h1: MakeTransport, head: bytes
+    raw: ScriptedUpstream, h1: MakeTransport, head: bytes
 ) -> None:
     raw.answer(head + b"hello")
     raw.answer(OK_HELLO)
@@ -217,7 +217,7 @@ async def test_no_reuse_when_the_upstream_says_so(
     assert raw.connections == 2
 
 
-async def test_http_1_0_keep_alive_is_honoured(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_http_1_0_keep_alive_is_honoured(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello")
     raw.answer(OK_HELLO)
     transport = h1(raw.url)
@@ -227,7 +227,7 @@ async def test_http_1_0_keep_alive_is_honoured(raw: RawUpstream, h1: MakeTranspo
 
 
 async def test_head_response_has_no_body_whatever_its_length(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
     raw.answer(OK_HELLO)
@@ -240,7 +240,7 @@ async def test_head_response_has_no_body_whatever_its_length(
 
 
 @pytest.mark.parametrize("status", [204, 304])
-async def test_204_and_304_have_no_body(raw: RawUpstream, h1: MakeTransport, status: int) -> None:
+async def test_204_and_304_have_no_body(raw: ScriptedUpstream, h1: MakeTransport, status: int) -> None:
     raw.answer(f'HTTP/1.1 {status} X\r\nETag: "e"\r\n\r\n'.encode())
     raw.answer(OK_HELLO)
     transport = h1(raw.url)
@@ -251,7 +251,7 @@ async def test_204_and_304_have_no_body(raw: RawUpstream, h1: MakeTransport, sta
     assert raw.connections == 1
 
 
-async def test_interim_responses_are_skipped(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_interim_responses_are_skipped(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + OK_HELLO)
     response = await h1(raw.url).send("GET", "/", [], None)
     assert response.status == 200
@@ -259,7 +259,7 @@ async def test_interim_responses_are_skipped(raw: RawUpstream, h1: MakeTransport
     assert await read_all(response) == b"hello"
 
 
-async def test_unread_body_closes_the_connection(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_unread_body_closes_the_connection(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
     raw.answer(OK_HELLO)
     transport = h1(raw.url)
@@ -296,7 +296,7 @@ async def test_unread_body_closes_the_connection(raw: RawUpstream, h1: MakeTrans
     ],
 )
 async def test_malformed_response_is_broken(
-    raw: RawUpstream, h1: MakeTransport, data: bytes
+    raw: ScriptedUpstream, h1: MakeTransport, data: bytes
 ) -> None:
     raw.answer(data)
     with pytest.raises(UpstreamBroken) as caught:
@@ -305,7 +305,7 @@ async def test_malformed_response_is_broken(
 
 
 async def test_an_oversized_response_head_is_refused_not_buffered(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     cookies = b"".join(b"Set-Cookie: c%d=%s\r\n" % (i, b"v" * 1000) for i in range(80))
     raw.answer(b"HTTP/1.1 200 OK\r\n" + cookies + b"Content-Length: 2\r\n\r\nok")
@@ -324,14 +324,14 @@ async def test_an_oversized_response_head_is_refused_not_buffered(
 
 
 async def test_a_bad_body_arriving_with_the_head_fails_the_send(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n")
     with pytest.raises(UpstreamBroken, match="malformed"):
         await h1(raw.url).send("GET", "/", [], None)
 
 
-async def test_close_mid_body_is_broken(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_close_mid_body_is_broken(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", close=True)
     response = await h1(raw.url).send("GET", "/", [], None)
     with pytest.raises(UpstreamBroken, match="mid-response"):
@@ -341,7 +341,7 @@ async def test_close_mid_body_is_broken(raw: RawUpstream, h1: MakeTransport) -> 
 # --- stale connections, errors and timeouts ---------------------------------------------------
 
 
-async def with_stale_connection(raw: RawUpstream, h1: MakeTransport) -> H1Transport:
+async def with_stale_connection(raw: ScriptedUpstream, h1: MakeTransport) -> H1Transport:
     """A transport holding one kept-alive connection that the upstream drops at the next request."""
     raw.answer(OK_HELLO)
     raw.answer(CLOSE)
@@ -352,7 +352,7 @@ async def with_stale_connection(raw: RawUpstream, h1: MakeTransport) -> H1Transp
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "TRACE"])
 async def test_stale_reused_connection_is_resent_once_when_safe(
-    raw: RawUpstream, h1: MakeTransport, method: str
+    raw: ScriptedUpstream, h1: MakeTransport, method: str
 ) -> None:
     transport = await with_stale_connection(raw, h1)
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -377,7 +377,7 @@ async def test_stale_reused_connection_is_resent_once_when_safe(
          "get-with-x-key", "get-with-body"],
 )
 async def test_stale_reused_connection_is_not_resent_unless_safe_to_repeat(
-    raw: RawUpstream, h1: MakeTransport, method: str, headers: list[tuple[str, str]],
+    raw: ScriptedUpstream, h1: MakeTransport, method: str, headers: list[tuple[str, str]],
     body: bytes | None,
 ) -> None:
     """Issue 13: the upstream may have read (and executed) the first copy. Only a safe method
@@ -390,7 +390,7 @@ async def test_stale_reused_connection_is_not_resent_unless_safe_to_repeat(
 
 
 async def test_stale_reused_connection_with_a_streamed_body_is_not_resent(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     transport = await with_stale_connection(raw, h1)
     with pytest.raises(UpstreamBroken) as caught:
@@ -400,7 +400,7 @@ async def test_stale_reused_connection_with_a_streamed_body_is_not_resent(
 
 
 async def test_fresh_connection_closed_without_answer_is_broken(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     raw.answer(CLOSE)
     with pytest.raises(UpstreamBroken) as caught:
@@ -415,13 +415,13 @@ async def test_refused_connection_is_not_sent(h1: MakeTransport) -> None:
     assert not caught.value.sent
 
 
-async def test_silent_upstream_times_out(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_silent_upstream_times_out(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(STALL)
     with pytest.raises(UpstreamTimeout):
         await h1(raw.url, timeout=0.3).send("GET", "/", [], None)
 
 
-async def test_timeout_covers_the_body(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_timeout_covers_the_body(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nslow")
     raw.answer(STALL)
     response = await h1(raw.url, timeout=0.3).send("GET", "/", [], None)
@@ -430,7 +430,7 @@ async def test_timeout_covers_the_body(raw: RawUpstream, h1: MakeTransport) -> N
 
 
 async def test_pool_limit_waits_then_gives_up_before_sending(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     raw.answer(OK_HELLO)
     transport = h1(raw.url, max_connections=1, timeout=0.3)
@@ -443,7 +443,7 @@ async def test_pool_limit_waits_then_gives_up_before_sending(
 
 
 async def test_a_released_slot_goes_to_the_waiting_request(
-    raw: RawUpstream, h1: MakeTransport
+    raw: ScriptedUpstream, h1: MakeTransport
 ) -> None:
     raw.answer(OK_HELLO)
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
@@ -457,7 +457,7 @@ async def test_a_released_slot_goes_to_the_waiting_request(
     assert raw.connections == 1
 
 
-async def test_early_answer_stops_the_request_body(raw: RawUpstream, h1: MakeTransport) -> None:
+async def test_early_answer_stops_the_request_body(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     started = asyncio.Event()
 
     async def endless() -> AsyncIterator[bytes]:

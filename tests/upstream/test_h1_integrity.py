@@ -15,7 +15,7 @@ from proxy.upstream.h1 import H1Transport
 from proxy.upstream.h1_connection import Violation
 from proxy.upstream.transport import UpstreamResponse
 from tests.support.eventually import eventually
-from tests.support.scripted_upstream import RawUpstream
+from tests.support.scripted_upstream import ScriptedUpstream
 
 LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SECOND = b"HTTP/1.1 201 Created\r\nSet-Cookie: evil=1\r\nContent-Length: 4\r\n\r\nevil"
@@ -24,8 +24,8 @@ NEXT_SEEN = (202, "Accepted", [("X-Next", "1"), ("Content-Length", "4")], b"next
 
 
 @pytest.fixture
-async def raw() -> AsyncIterator[RawUpstream]:
-    upstream = await RawUpstream().start()
+async def raw() -> AsyncIterator[ScriptedUpstream]:
+    upstream = await ScriptedUpstream().start()
     yield upstream
     await upstream.stop()
 
@@ -75,7 +75,7 @@ EXTRAS = {
 @pytest.mark.parametrize("extra", sorted(EXTRAS))
 @pytest.mark.parametrize("framing", sorted(FRAMINGS))
 async def test_extra_bytes_in_the_same_read_discard_the_connection(
-    raw: RawUpstream, framing: str, extra: str
+    raw: ScriptedUpstream, framing: str, extra: str
 ) -> None:
     method, answer, expected, reason = FRAMINGS[framing]
     raw.answer(answer + EXTRAS[extra])
@@ -93,7 +93,7 @@ async def test_extra_bytes_in_the_same_read_discard_the_connection(
 
 
 @pytest.mark.parametrize("framing", sorted(FRAMINGS))
-async def test_a_clean_response_keeps_its_connection(raw: RawUpstream, framing: str) -> None:
+async def test_a_clean_response_keeps_its_connection(raw: ScriptedUpstream, framing: str) -> None:
     """The control: without extra bytes nothing is reported and the connection is reused."""
     method, answer, expected, _ = FRAMINGS[framing]
     raw.answer(answer)
@@ -109,7 +109,7 @@ async def test_a_clean_response_keeps_its_connection(raw: RawUpstream, framing: 
     assert (report, raw.connections) == ([], 1)
 
 
-async def test_interim_heads_cannot_change_the_final_response(raw: RawUpstream) -> None:
+async def test_interim_heads_cannot_change_the_final_response(raw: ScriptedUpstream) -> None:
     raw.answer(
         b"HTTP/1.1 100 Continue\r\nSet-Cookie: a=1\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
         b"Link: </x>\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n" + LENGTH
@@ -126,7 +126,7 @@ async def test_interim_heads_cannot_change_the_final_response(raw: RawUpstream) 
     assert report == []
 
 
-async def test_extra_bytes_after_the_head_was_handed_over(raw: RawUpstream) -> None:
+async def test_extra_bytes_after_the_head_was_handed_over(raw: ScriptedUpstream) -> None:
     """Bytes arriving in a later read, after the response is complete but before release."""
     transport = H1Transport(raw.url, connect_timeout=1, timeout=2, max_connections=4,
                             report=(report := Reported()))
@@ -144,7 +144,7 @@ async def test_extra_bytes_after_the_head_was_handed_over(raw: RawUpstream) -> N
     assert report == [Violation.EXTRA_BYTES]
 
 
-async def test_bytes_on_an_idle_pooled_connection(raw: RawUpstream) -> None:
+async def test_bytes_on_an_idle_pooled_connection(raw: ScriptedUpstream) -> None:
     transport = H1Transport(raw.url, connect_timeout=1, timeout=2, max_connections=4,
                             report=(report := Reported()))
     raw.answer(LENGTH)

@@ -12,7 +12,7 @@ import pytest
 
 from proxy.config import ConfigError, UpstreamHost, parse
 from proxy.upstream.h1 import H1Transport
-from tests.support.scripted_upstream import RawUpstream
+from tests.support.scripted_upstream import ScriptedUpstream
 
 
 async def through(url: str, requests: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -103,7 +103,7 @@ RECORDED: dict[str, tuple[bytes, tuple[Any, ...]]] = {
 
 @pytest.mark.parametrize("case", sorted(RECORDED))
 async def test_recorded_answers_come_out_exactly(case: str) -> None:
-    raw = await RawUpstream().start()
+    raw = await ScriptedUpstream().start()
     answer, expected = RECORDED[case]
     raw.answer(answer, close=case == "close-delimited")
     try:
@@ -113,7 +113,7 @@ async def test_recorded_answers_come_out_exactly(case: str) -> None:
 
 
 async def test_head_answer_has_no_body_whatever_its_length() -> None:
-    raw = await RawUpstream().start()
+    raw = await ScriptedUpstream().start()
     raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nContent-Type: a/b\r\n\r\n")
     try:
         seen = await through(raw.url, [("HEAD", "/", [], None)])
@@ -143,7 +143,7 @@ REQUESTS: list[tuple[tuple[Any, ...], bytes]] = [
 
 
 async def test_the_upstream_receives_the_recorded_requests() -> None:
-    raw = await RawUpstream().start()
+    raw = await ScriptedUpstream().start()
     try:
         await through(raw.url, [request for request, _ in REQUESTS])
     finally:
