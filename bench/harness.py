@@ -241,13 +241,11 @@ http {{
 
 
 def idemproxy_config(
-    upstream: Service, *, transport: str | None, store_url: str = "memory://", workers: int = 1
+    upstream: Service, *, store_url: str = "memory://", workers: int = 1
 ) -> dict[str, Any]:
     """Pass-through on `/`, an idempotent POST route on `/idem` (only for one process or a
     shared store: workers share no memory); observability as shipped."""
     app: dict[str, Any] = {"url": upstream.url, "connect_timeout": "2s", "timeout": "30s"}
-    if transport is not None:
-        app["transport"] = transport
     idempotent = {
         "name": "idem",
         "match": {"path_prefix": "/idem", "methods": ["POST"]},
