@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in modes}
     skipped: list[str] = []
     started = datetime.now(UTC)
+    host = machine(args.python)  # before the load: its load average is the neighbours' alone
     with tempfile.TemporaryDirectory(prefix="idemproxy-bench-") as tmp:
         lab = Lab(Path(tmp), pin=not args.no_pin, python=args.python)
         try:
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": started.isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(sys.argv[1:]),
-        "machine": machine(args.python),
+        "machine": host,
         "parameters": {
             "runs": args.runs,
             "seconds": args.seconds,

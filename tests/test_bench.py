@@ -173,3 +173,16 @@ def test_the_removed_aiohttp_transport_has_no_benchmark_mode() -> None:
 
     assert "idemproxy" in names
     assert not any("aiohttp" in name for name in names)
+
+
+def test_a_figure_from_a_run_with_failed_requests_is_not_measured() -> None:
+    # Round 3 of a full run once filled the memory store: fast 503s inflated the req/s.
+    redis = [_row("idem-first-redis", rps=9000.0, errors=120), _row("idem-replay-redis", rps=1.0)]
+
+    judged = evaluate(_report({**PASS_THROUGH_ROW, "errors": 0}, *redis))
+
+    assert judged[4]["verdict"] == Verdict.NOT_MEASURED
+    assert judged[4]["shown"] == "120 errors"
+    assert judged[5]["verdict"] == Verdict.MISS  # the replay row had no errors
+    failing_pass_through = {**PASS_THROUGH_ROW, "errors": 3}
+    assert set(_verdicts(_report(failing_pass_through, *redis))) == {Verdict.NOT_MEASURED}
