@@ -67,7 +67,7 @@ def _held_rss(rows: dict[str, dict[str, Any]], params: dict[str, Any]) -> float 
     return None if value is None else float(value)
 
 
-PT, FIRST, REPLAY = (PASS_THROUGH,), "idem-first-redis", "idem-replay-redis"
+_PT, _FIRST, _REPLAY = (PASS_THROUGH,), "idem-first-redis", "idem-replay-redis"
 TARGETS = (
     Target("pass-through throughput vs plain aiohttp proxy", 2.5, True, "{:.2f}x",
            (PASS_THROUGH, "plain"), _field(PASS_THROUGH, "x_plain")),
@@ -75,14 +75,14 @@ TARGETS = (
            (PASS_THROUGH, "nginx"), _field(PASS_THROUGH, "x_nginx")),
     Target("latency added at ~1,000 req/s, p90", 0.8, False, "{:.2f} ms",
            (PASS_THROUGH, "direct"), _field(PASS_THROUGH, "p90_added_ms")),
-    Target("cores used per 1,000 req/s (paced run)", 0.10, False, "{:.3f}", PT, _cores_per_1k),
+    Target("cores used per 1,000 req/s (paced run)", 0.10, False, "{:.3f}", _PT, _cores_per_1k),
     Target("Redis first execution vs pass-through", 0.7, True, "{:.2f}x",
-           (*PT, FIRST), _vs_pass_through(FIRST)),
+           (*_PT, _FIRST), _vs_pass_through(_FIRST)),
     Target("Redis replay vs pass-through", 1.0, True, "{:.2f}x",
-           (*PT, REPLAY), _vs_pass_through(REPLAY)),
-    Target("RSS idle", 60, False, "{:.1f} MiB", PT, _field(PASS_THROUGH, "idle_rss_mib")),
+           (*_PT, _REPLAY), _vs_pass_through(_REPLAY)),
+    Target("RSS idle", 60, False, "{:.1f} MiB", _PT, _field(PASS_THROUGH, "idle_rss_mib")),
     Target(f"RSS with {HELD_CONNECTIONS:,} client connections", 100, False, "{:.1f} MiB",
-           PT, _held_rss),
+           _PT, _held_rss),
 )  # fmt: skip
 
 
