@@ -25,7 +25,6 @@ from typing import Any
 import orjson
 
 from bench.harness import (
-    REPO,
     Lab,
     Load,
     Service,
@@ -34,6 +33,8 @@ from bench.harness import (
     rss_with_connections,
 )
 from bench.report import markdown
+from bench.targets import PASS_THROUGH, evaluate
+from bench.targets import markdown as targets_markdown
 
 SUT_CPU, SIDE_CPU = 0, 1
 # `workers: 2` may use every core: on a 2-core machine it shares CPU 1 with upstream and wrk.
@@ -54,36 +55,19 @@ class Mode:
         return self.key == "fixed"
 
 
-def _transports() -> list[str]:
-    from proxy.config import Upstream
-
-    field = Upstream.model_fields.get("transport")
-    # A Literal of transports to compare; a plain str since the one h1 client remains.
-    choices = getattr(field.annotation, "__args__", None) if field is not None else None
-    return list(choices) if choices else []
-
-
-def _has_idempotency_engine() -> bool:
-    return any((REPO / "proxy").glob("idempotency*")) or (REPO / "proxy" / "stores").is_dir()
-
-
 def all_modes() -> list[Mode]:
     modes = [Mode("direct", "upstream")]
     if shutil.which("nginx"):
         modes.append(Mode("nginx", "nginx"))
     modes.append(Mode("plain", "plain"))
     modes.append(Mode("floor", "floor"))
-    transports = _transports()
-    if transports:
-        modes += [Mode(f"idemproxy-{t}", f"idemproxy-{t}") for t in transports]
-    else:
-        modes.append(Mode("idemproxy", "idemproxy"))
+    # Pass-through on the one upstream transport (the h1 client; the aiohttp one was removed).
+    modes.append(Mode(PASS_THROUGH, PASS_THROUGH))
     modes.append(Mode("idemproxy-w2", "idemproxy-w2"))
-    if _has_idempotency_engine():
-        stores = ["memory"] + (["redis"] if shutil.which("redis-server") else [])
-        for store in stores:
-            modes.append(Mode(f"idem-first-{store}", f"idem-{store}", "/idem", "POST", "fresh"))
-            modes.append(Mode(f"idem-replay-{store}", f"idem-{store}", "/idem", "POST", "fixed"))
+    stores = ["memory"] + (["redis"] if shutil.which("redis-server") else [])
+    for store in stores:
+        modes.append(Mode(f"idem-first-{store}", f"idem-{store}", "/idem", "POST", "fresh"))
+        modes.append(Mode(f"idem-replay-{store}", f"idem-{store}", "/idem", "POST", "fixed"))
     return modes
 
 
@@ -99,23 +83,16 @@ def start_services(lab: Lab, modes: list[Mode]) -> dict[str, Service]:
         elif name == "floor":
             services[name] = lab.python_proxy(name, "floor_proxy", upstream, SUT_CPU)
         elif name == "idemproxy-w2":
-            config = idemproxy_config(upstream, transport=None, workers=2)
+            config = idemproxy_config(upstream, workers=2)
             services[name] = lab.idemproxy(name, config, WORKERS_CPUS)
-        elif name.startswith("idemproxy"):
-            transport = name.partition("-")[2] or None
-            services[name] = lab.idemproxy(
-                name, idemproxy_config(upstream, transport=transport), SUT_CPU
-            )
+        elif name == PASS_THROUGH:
+            services[name] = lab.idemproxy(name, idemproxy_config(upstream), SUT_CPU)
         elif name == "idem-redis":
             redis = lab.redis(SIDE_CPU)
-            config = idemproxy_config(
-                upstream, transport=None, store_url=redis.url.replace("http://", "redis://")
-            )
+            config = idemproxy_config(upstream, store_url=redis.url.replace("http://", "redis://"))
             services[name] = lab.idemproxy(name, config, SUT_CPU)
         elif name == "idem-memory":
-            services[name] = lab.idemproxy(
-                name, idemproxy_config(upstream, transport=None), SUT_CPU
-            )
+            services[name] = lab.idemproxy(name, idemproxy_config(upstream), SUT_CPU)
     return services
 
 
@@ -165,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in modes}
     skipped: list[str] = []
     started = datetime.now(UTC)
+    host = machine(args.python)  # before the load: its load average is the neighbours' alone
     with tempfile.TemporaryDirectory(prefix="idemproxy-bench-") as tmp:
         lab = Lab(Path(tmp), pin=not args.no_pin, python=args.python)
         try:
@@ -208,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": started.isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(sys.argv[1:]),
-        "machine": machine(args.python),
+        "machine": host,
         "parameters": {
             "runs": args.runs,
             "seconds": args.seconds,
@@ -326,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: wrk is required (apt-get install wrk)", file=sys.stderr)
         return 2
     report = run(args)
-    table = markdown(report)
+    report["targets"] = evaluate(report)
+    table = markdown(report) + "\n" + targets_markdown(report["targets"])
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (args.out / f"bench-{stamp}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

@@ -82,7 +82,7 @@ def proxy_cpu_per_request(counts: Sequence[int]) -> None:
         try:
             upstream = lab.upstream(cpu=1)
             for count in counts:
-                config = idemproxy_config(upstream, transport=None)
+                config = idemproxy_config(upstream)
                 config["logging"] = {"access_log": False}
                 config["routes"][-1:-1] = [
                     {"name": f"r{i}", "match": {"path_prefix": f"/r{i}/items"}, "upstream": "app"}

@@ -51,7 +51,7 @@ def main() -> None:
             lab.start("otlp-sink", argv, port, SIDE_CPU)
             proxies = {}
             for name, ratio in MODES.items():
-                config: dict[str, Any] = idemproxy_config(upstream, transport=None)
+                config: dict[str, Any] = idemproxy_config(upstream)
                 config["logging"] = {"access_log": True}
                 if ratio is not None:
                     config["tracing"] = {"export": {

@@ -1,22 +1,24 @@
 """Smoke test of the benchmark harness: it starts everything, measures, and reports the figures
-(never asserts speed: performance targets live in bench/, not in timed tests)."""
+(never asserts speed: performance targets live in bench/, not in timed tests); and the targets
+table judged from canned figures."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-from bench.__main__ import main
+from bench.__main__ import all_modes, main
+from bench.targets import TARGETS, Verdict, evaluate, markdown
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("wrk") is None, reason="the benchmark needs wrk"),
-]
+runs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="the benchmark needs wrk")
 
 
+@pytest.mark.slow
+@runs_wrk
 def test_quick_run_reports_every_mode_with_ratios(tmp_path: Path) -> None:
     assert main(["--quick", "--modes", "direct,plain", "--out", str(tmp_path)]) == 0
 
@@ -43,8 +45,13 @@ def test_quick_run_reports_every_mode_with_ratios(tmp_path: Path) -> None:
     table = next(tmp_path.glob("bench-*.md")).read_text()
     assert "| direct |" in table
     assert "| plain |" in table
+    assert [t["target"] for t in report["targets"]] == [t["target"] for t in evaluate(report)]
+    assert table.index("| plain |") < table.index("TARGETS")  # after the results table
+    assert "| target | measured | pass/miss |" in table
 
 
+@pytest.mark.slow
+@runs_wrk
 def test_quick_run_of_two_workers_counts_the_whole_process_tree(tmp_path: Path) -> None:
     assert main(["--quick", "--modes", "direct,idemproxy-w2", "--out", str(tmp_path)]) == 0
 
@@ -53,3 +60,129 @@ def test_quick_run_of_two_workers_counts_the_whole_process_tree(tmp_path: Path) 
     assert row["rps"] > 0
     assert row["errors"] == 0
     assert row["idle_rss_mib"] > 100  # the supervisor and both workers, not one process
+
+
+def _row(mode: str, **figures: float | None) -> dict[str, Any]:
+    return {"mode": mode, **figures}
+
+
+def _report(*rows: dict[str, Any], held: int = 1000) -> dict[str, Any]:
+    return {"modes": list(rows), "parameters": {"held_connections": held}}
+
+
+PASS_THROUGH_ROW = _row(
+    "idemproxy",
+    rps=8000.0,
+    x_plain=1.25,
+    x_nginx=0.09,
+    p90_added_ms=1.45,
+    cores_at_paced=0.165,
+    paced_rps=967.0,
+    idle_rss_mib=58.7,
+    held_rss_mib=69.1,
+)
+
+
+def _verdicts(report: dict[str, Any]) -> list[str]:
+    return [t["verdict"] for t in evaluate(report)]
+
+
+def test_targets_are_judged_from_the_runs_own_figures() -> None:
+    report = _report(
+        PASS_THROUGH_ROW,
+        _row("idem-first-redis", rps=4000.0),  # 0.50x pass-through
+        _row("idem-replay-redis", rps=8400.0),  # 1.05x
+    )
+
+    judged = evaluate(report)
+
+    assert [(t["shown"], t["verdict"]) for t in judged] == [
+        ("1.25x", Verdict.MISS),
+        ("0.09x", Verdict.MISS),
+        ("1.45 ms", Verdict.MISS),
+        ("0.171", Verdict.MISS),  # 0.165 cores at 967 req/s, scaled to 1,000 req/s
+        ("0.50x", Verdict.MISS),
+        ("1.05x", Verdict.PASS),
+        ("58.7 MiB", Verdict.PASS),
+        ("69.1 MiB", Verdict.PASS),
+    ]
+    assert judged[3]["measured"] == pytest.approx(0.165 * 1000 / 967)
+
+
+def test_a_figure_exactly_at_its_limit_passes_and_just_beyond_it_misses() -> None:
+    at_limit = _row(
+        "idemproxy",
+        rps=1000.0,
+        x_plain=2.5,
+        x_nginx=0.25,
+        p90_added_ms=0.8,
+        cores_at_paced=0.1,
+        paced_rps=1000.0,
+        idle_rss_mib=60.0,
+        held_rss_mib=100.0,
+    )
+    redis = [_row("idem-first-redis", rps=700.0), _row("idem-replay-redis", rps=1000.0)]
+    assert set(_verdicts(_report(at_limit, *redis))) == {Verdict.PASS}
+
+    beyond = {
+        "x_plain": 2.49,
+        "x_nginx": 0.249,
+        "p90_added_ms": 0.81,
+        "cores_at_paced": 0.101,
+        "idle_rss_mib": 60.1,
+        "held_rss_mib": 100.1,
+    }
+    for key, value in beyond.items():
+        verdicts = _verdicts(_report({**at_limit, key: value}, *redis))
+        assert verdicts.count(Verdict.MISS) == 1, key
+    slow_redis = [_row("idem-first-redis", rps=699.0), _row("idem-replay-redis", rps=999.0)]
+    assert _verdicts(_report(at_limit, *slow_redis))[4:6] == [Verdict.MISS, Verdict.MISS]
+
+
+def test_what_the_run_did_not_measure_is_not_measured_never_pass_or_miss() -> None:
+    # No nginx installed (no x_nginx), no redis-server (no Redis rows), and `--quick` held only
+    # 50 connections, which cannot show the 1,000-connection figure.
+    row = {k: v for k, v in PASS_THROUGH_ROW.items() if k != "x_nginx"}
+
+    judged = evaluate(_report(row, held=50))
+
+    unmeasured = [t["target"] for t in judged if t["verdict"] == Verdict.NOT_MEASURED]
+    assert len(unmeasured) == 4
+    assert all(t["shown"] == "—" and t["measured"] is None for t in judged[4:6])
+    assert "nginx" in unmeasured[0]
+    assert "1,000 client connections" in unmeasured[-1]
+    # With no pass-through row at all (e.g. `--modes direct,plain`) nothing is judged.
+    assert set(_verdicts(_report(_row("direct", rps=1.0)))) == {Verdict.NOT_MEASURED}
+
+
+def test_the_targets_table_has_one_row_per_target_with_its_verdict() -> None:
+    judged = evaluate(_report(PASS_THROUGH_ROW, held=0))
+
+    lines = markdown(judged).splitlines()
+
+    assert lines[0] == "TARGETS"
+    assert lines[2] == "| target | measured | pass/miss |"
+    body = lines[4:]
+    assert len(body) == len(TARGETS)
+    assert body[0] == "| pass-through throughput vs plain aiohttp proxy ≥ 2.50x | 1.25x | miss |"
+    assert body[-1].endswith("| — | not measured |")
+
+
+def test_the_removed_aiohttp_transport_has_no_benchmark_mode() -> None:
+    names = [mode.name for mode in all_modes()]
+
+    assert "idemproxy" in names
+    assert not any("aiohttp" in name for name in names)
+
+
+def test_a_figure_from_a_run_with_failed_requests_is_not_measured() -> None:
+    # Round 3 of a full run once filled the memory store: fast 503s inflated the req/s.
+    redis = [_row("idem-first-redis", rps=9000.0, errors=120), _row("idem-replay-redis", rps=1.0)]
+
+    judged = evaluate(_report({**PASS_THROUGH_ROW, "errors": 0}, *redis))
+
+    assert judged[4]["verdict"] == Verdict.NOT_MEASURED
+    assert judged[4]["shown"] == "120 errors"
+    assert judged[5]["verdict"] == Verdict.MISS  # the replay row had no errors
+    failing_pass_through = {**PASS_THROUGH_ROW, "errors": 3}
+    assert set(_verdicts(_report(failing_pass_through, *redis))) == {Verdict.NOT_MEASURED}
