@@ -107,27 +107,6 @@ def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload
     return web.Response(status=status, body=payload, headers=headers)
 
 
-def stage(
-    next_handler: Handler,
-    *,
-    route: Route,
-    store: Store,
-    store_config: StoreConfig,
-    limits: Limits,
-    hasher: KeyHasher,
-    lease: float,
-) -> Handler:
-    return IdempotencyStage(
-        next_handler,
-        route=route,
-        store=store,
-        store_config=store_config,
-        limits=limits,
-        hasher=hasher,
-        lease=lease,
-    )
-
-
 class IdempotencyStage:
     """The idempotency stage of one route, in named phases (Pingora style):
 

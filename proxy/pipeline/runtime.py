@@ -108,7 +108,7 @@ class Runtime:
             self.untrusted_headers,
         )
         if route.idempotency.enabled:
-            handler = idempotency.stage(
+            handler = idempotency.IdempotencyStage(
                 handler,
                 route=route,
                 store=self.store,

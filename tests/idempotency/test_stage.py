@@ -45,7 +45,7 @@ def staged(aiohttp_client: Any) -> Callable[..., Awaitable[tuple[Client, list[Re
         config = parse(idem_config("http://127.0.0.1:1", "memory://",
                                    store={"on_error": on_error}, **policy), env={})
         store = MemoryStore(100) if store is None else store
-        handler = stage.stage(fake_forward, route=config.routes[0], store=store,
+        handler = stage.IdempotencyStage(fake_forward, route=config.routes[0], store=store,
                               store_config=config.store, limits=config.limits,
                               hasher=KeyHasher("salt"), lease=5)
         contexts: list[RequestContext] = []
