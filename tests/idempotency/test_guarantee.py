@@ -206,6 +206,7 @@ async def after(run: Run, finished: int) -> None:
 
 async def holder_of_a_request(ledger: Ledger, pids: list[int]) -> int:
     """The pid of a proxy process (or worker) that is waiting for the upstream right now."""
+    ledger.hold_next()  # one request will surely wait, even if the run is almost through
 
     async def found() -> int:
         ports = ledger.fresh_requests(UPSTREAM_TIMEOUT / 2)

@@ -69,6 +69,8 @@ class Ledger:
     # Requests being executed now: the proxy's local port -> when the request arrived.
     serving: dict[int, float] = field(default_factory=dict)
     url: str = ""
+    # Requests still to be answered slowly whatever the plan says (`hold_next`).
+    forced_slow: int = 0
     _server: asyncio.Server | None = None
     _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -90,6 +92,11 @@ class Ledger:
         seconds ago (so their proxy is still waiting for the answer)."""
         now = asyncio.get_running_loop().time()
         return [port for port, since in self.serving.items() if now - since < younger_than]
+
+    def hold_next(self) -> None:
+        """Answer the next request slowly (`slow`), so some proxy is surely waiting for the
+        upstream while a test looks for one to kill, however fast the rest of the run goes."""
+        self.forced_slow += 1
 
     def duplicates(self) -> dict[str, int]:
         return {key: len(runs) for key, runs in self.executions.items() if len(runs) > 1}
@@ -115,6 +122,9 @@ class Ledger:
                 await reader.readexactly(int(headers.get("content-length", "0")))
                 served += 1
                 fault = self.plan.pick(reused=served > 1)
+                if self.forced_slow:
+                    self.forced_slow -= 1
+                    fault = Fault.SLOW
                 self.faults[fault] += 1
                 self.in_progress += 1
                 self.serving[peer_port] = asyncio.get_running_loop().time()
