@@ -43,6 +43,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Appended to a script's HGETALL `record` (after _NOW): the flat list `_record` reads ends with
+# the record's pttl and the server's clock.
+_STAMP = """
+record[#record + 1] = 'pttl'
+record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
+record[#record + 1] = 'now'
+record[#record + 1] = string.format('%d', now)
+"""
+
 # KEYS[1] record; ARGV token, fingerprint, lease ms, schema version, expiry ms, hold (1|0),
 # holder. Returns 0 when the caller owns the record (new, taken over, or its own earlier claim),
 # else the record. A record in flight whose lease ran out becomes indeterminate (hold) or is
@@ -72,11 +81,7 @@ if not token then
 end
 if token == ARGV[1] then return 0 end
 local record = redis.call('HGETALL', KEYS[1])
-record[#record + 1] = 'pttl'
-record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
-record[#record + 1] = 'now'
-record[#record + 1] = string.format('%d', now)
-if expired then
+""" + _STAMP + """if expired then
   record[#record + 1] = 'expired_now'
   record[#record + 1] = '1'
 end
@@ -86,11 +91,7 @@ return record
 _GET = Script(_NOW + """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return 0 end
-record[#record + 1] = 'pttl'
-record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
-record[#record + 1] = 'now'
-record[#record + 1] = string.format('%d', now)
-return record
+""" + _STAMP + """return record
 """)
 
 # ARGV token, new state, ttl ms, status, headers json, body, replayable (1|0).
@@ -125,11 +126,7 @@ return redis.call('DEL', KEYS[1])
 _DISCARD = Script(_NOW + """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return 0 end
-record[#record + 1] = 'pttl'
-record[#record + 1] = tostring(redis.call('PTTL', KEYS[1]))
-record[#record + 1] = 'now'
-record[#record + 1] = string.format('%d', now)
-local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until'))
+""" + _STAMP + """local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until'))
 local live = redis.call('HGET', KEYS[1], 'state') == 'in_flight'
   and (not lease_until or lease_until > now)
 record[#record + 1] = 'released'
