@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient
+from yarl import URL
 
 from proxy.config import parse
 from proxy.pipeline.runtime import DataPlane, Runtime
-from proxy.server.serve import data_server
+from proxy.server.listener import DataServer
 from tests.support.lines import Lines
 from tests.support.proxy_process import ProxyProcess, base_config
 from tests.support.redis_server import RedisServer
@@ -23,15 +24,35 @@ from tests.support.upstream import RecordingUpstream
 
 class ProxyTestServer(BaseTestServer):
     """The real data-port server (parser limits included) on an ephemeral port; `lines` holds
-    the access log lines of a runtime built with it as its log sink."""
+    the access log lines of a runtime built with it as its log sink. aiohttp's test client
+    talks to it; aiohttp's own server plays no part."""
 
     def __init__(self, plane: DataPlane, lines: Lines, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.plane = plane
         self.lines = lines
+        self.data: DataServer | None = None
 
-    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
-        return web.ServerRunner(data_server(self.plane, self.plane.runtime.config), **kwargs)
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self.data is not None:
+            return
+        self.data = DataServer(self.plane, self.plane.runtime.config)
+        self.port = await self.data.listen(self.host, 0)
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    @property
+    def started(self) -> bool:
+        return self.data is not None
+
+    async def close(self) -> None:
+        if self.data is not None and not self._closed:
+            await self.data.stop_listening()
+            await self.data.shutdown()
+            self._closed = True
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        raise NotImplementedError("the data server is started directly (start_server)")
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from proxy.admin.problem import problem
 from proxy.config import Admin, ConfigError, loopback_only
-from proxy.http.problem import ProblemType, problem
+from proxy.http.problem import ProblemType
 from proxy.observability.events import emit
 from proxy.observability.tracing import new_trace_id
 

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from proxy.admin.problem import problem
 from proxy.admin.thread import run_on
-from proxy.http.problem import ProblemType, problem
+from proxy.http.problem import ProblemType
 from proxy.idempotency.keys import parse_key, record_key
 from proxy.observability.events import emit, iso_time
 from proxy.pipeline.runtime import AdminHandler, DataPlane, Runtime, same_origin_only

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from proxy.http.context import RequestContext
 from proxy.http.problem import ProblemType
+from proxy.http.request import BodyFramingError
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -14,6 +15,13 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class BodyError(Exception):
     problem = ProblemType.BAD_REQUEST_BODY
     error_type = "request_body"
+
+
+class TrailersTooLarge(BodyError):
+    """Too many trailer fields, or one too long (the limits of header fields apply)."""
+
+    problem = ProblemType.HEADERS_TOO_LARGE
+    error_type = "request_headers_too_large"
 
 
 class BodyTooLarge(BodyError):
@@ -38,10 +46,15 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
     client may wrap the exception in its own.
     """
     request = ctx.request
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(_CONTINUE)
-    deadline = None  # counted from the first read that can wait
     content = request.content
+    if content is None:
+        return
+    if request.channel is not None and request.headers.get("Expect", "").lower() == "100-continue":
+        try:
+            request.channel.write(_CONTINUE)
+        except ConnectionError as exc:
+            raise _fail(ctx, ClientGone("client disconnected before the request body")) from exc
+    deadline = None  # counted from the first read that can wait
     while True:
         try:
             if content.is_eof():
@@ -54,8 +67,16 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
                 async with asyncio.timeout_at(deadline):
                     chunk = await content.readany()
         except TimeoutError:
-            error = BodyTimeout(f"the request body did not arrive within {timeout:g}s")
-            raise _fail(ctx, error) from None
+            raise _fail(
+                ctx, BodyTimeout(f"the request body did not arrive within {timeout:g}s")
+            ) from None
+        except BodyFramingError as exc:
+            error: BodyError = (
+                TrailersTooLarge(str(exc))
+                if exc.problem is ProblemType.HEADERS_TOO_LARGE
+                else BodyError(f"malformed request body: {exc}")
+            )
+            raise _fail(ctx, error) from exc
         except Exception as exc:
             transport = request.transport
             if transport is None or transport.is_closing():

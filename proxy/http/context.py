@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
-
 from proxy.http.headers import Headers
+from proxy.http.request import Request
+from proxy.http.response import StreamResponse
 
 if TYPE_CHECKING:
     from proxy.config import Route
@@ -64,7 +64,7 @@ class BodyTap(Protocol):
 class RequestContext:
     """What one request carries through the stages; stages write, access_log reads."""
 
-    request: web.BaseRequest
+    request: Request
     client_ip: str
     start: float = field(default_factory=time.perf_counter)
     trace_id: str = ""
@@ -109,11 +109,7 @@ class RequestContext:
     close_connection: bool = False
 
 
-CLIENT_LOST: web.RequestKey[Callable[[], None]] = web.RequestKey("idemproxy_client_lost")
-"""Request storage key of a callback the server calls when the client's connection is lost
-while the request is being handled (forward sets it when the exchange may be aborted)."""
-
-Handler = Callable[[RequestContext], Awaitable[web.StreamResponse]]
+Handler = Callable[[RequestContext], Awaitable[StreamResponse]]
 
 Payload = bytes | AsyncIterable[bytes] | None
 Exchange = Callable[[RequestContext, str, str, Headers, Payload], Awaitable["UpstreamResponse"]]

@@ -13,11 +13,12 @@ from collections.abc import Iterable
 from enum import Enum
 
 import orjson
-from aiohttp import web
 
 from proxy.http.headers import SERVER
+from proxy.http.response import Response
 
 TYPE_PREFIX = "urn:idemproxy:problem:"
+CONTENT_TYPE = "application/problem+json"
 
 
 class ProblemType(Enum):
@@ -94,15 +95,20 @@ def problem(
     detail: str,
     trace_id: str,
     headers: Iterable[tuple[str, str]] = (),
-) -> web.Response:
+) -> Response:
     """A problem+json response of one catalogued type."""
-    body = problem_body(kind, detail, trace_id)
-    response = web.Response(status=kind.status, body=body, content_type="application/problem+json")
-    response.headers["X-Trace-Id"] = trace_id
-    response.headers["Server"] = SERVER
-    for name, value in headers:
-        response.headers[name] = value
-    return response
+    return Response(
+        status=kind.status,
+        body=problem_body(kind, detail, trace_id),
+        headers=problem_headers(trace_id, headers),
+    )
+
+
+def problem_headers(
+    trace_id: str, headers: Iterable[tuple[str, str]] = ()
+) -> dict[str, str]:
+    """The headers of every problem answer (the data plane's and the admin port's)."""
+    return {"Content-Type": CONTENT_TYPE, "X-Trace-Id": trace_id, "Server": SERVER, **dict(headers)}
 
 
 def problem_body(kind: ProblemType, detail: str, trace_id: str) -> bytes:

@@ -17,7 +17,6 @@ import random
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import Limits, Route
@@ -26,6 +25,7 @@ from proxy.http import body
 from proxy.http.context import Decision, Handler, IdempotencyOutcome, RequestContext
 from proxy.http.headers import SERVER, VIA
 from proxy.http.problem import ProblemType, problem, retry_after
+from proxy.http.response import Response, StreamResponse
 from proxy.idempotency.fingerprint import fingerprint_off_loop
 from proxy.idempotency.jcs import JsonTooDeep
 from proxy.idempotency.keys import KeyHasher, parse_key, record_key
@@ -94,7 +94,7 @@ async def _until_lease_end(op: Callable[[], Awaitable[object]], lease_end: float
 
 
 def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload: bytes
-            ) -> web.Response:
+            ) -> Response:
     headers["Idempotent-Replayed"] = "true"
     headers["X-Trace-Id"] = ctx.trace_id
     headers["Server"] = SERVER
@@ -104,7 +104,7 @@ def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload
         headers.add("Via", VIA)
     ctx.status = status
     ctx.response_body_size = len(payload)
-    return web.Response(status=status, body=payload, headers=headers)
+    return Response(status=status, body=payload, headers=headers)
 
 
 class IdempotencyStage:
@@ -151,7 +151,7 @@ class IdempotencyStage:
         self.hold = policy.on_indeterminate == "hold"
         self.terms = Lease(lease, policy.ttl, self.hold, holder())
 
-    async def __call__(self, ctx: RequestContext) -> web.StreamResponse:
+    async def __call__(self, ctx: RequestContext) -> StreamResponse:
         if ctx.request.method not in self.methods:
             return await self.next(ctx)
         key = self._key(ctx)
@@ -190,7 +190,7 @@ class IdempotencyStage:
             await asyncio.sleep(min(poll, remaining))
             poll = min(poll * 2, MAX_POLL)
 
-    def _key(self, ctx: RequestContext) -> str | web.Response | None:
+    def _key(self, ctx: RequestContext) -> str | Response | None:
         """The parsed Idempotency-Key, None when absent and optional, or the refusal."""
         request = ctx.request
         values = request.headers.getall(HEADER, ())
@@ -208,7 +208,7 @@ class IdempotencyStage:
                            "bare or as a quoted string", "idempotency_key_invalid")
         return key
 
-    async def _fingerprint(self, ctx: RequestContext, key: str) -> str | web.Response:
+    async def _fingerprint(self, ctx: RequestContext, key: str) -> str | Response:
         """Read the body, derive the record id (`ctx.idempotency_record`) and the fingerprint."""
         request = ctx.request
         limits = self.limits
@@ -233,7 +233,7 @@ class IdempotencyStage:
             return await fingerprint_off_loop(
                 request.method,
                 ctx.path,
-                request.rel_url.raw_query_string,
+                request.query_string,
                 request.headers.get("Content-Type"),
                 payload,
                 limits.max_json_depth,
@@ -243,7 +243,7 @@ class IdempotencyStage:
                            f"{exc}; an Idempotency-Key needs a body that can be fingerprinted",
                            "request_json_too_deep")
 
-    def _answer(self, ctx: RequestContext, record: Record, fp: str) -> web.Response:
+    def _answer(self, ctx: RequestContext, record: Record, fp: str) -> Response:
         """The answer to a request whose key already has another request's record."""
         if record.lease_expired_now:  # this claim found the holder dead: said once, here
             emit("idempotency_lease_expired", "warning", route=self.route_name,
@@ -283,7 +283,7 @@ class IdempotencyStage:
         ctx.idempotency_outcome = IdempotencyOutcome.REPLAY
         return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)
 
-    async def _execute(self, ctx: RequestContext, key: str, token: str) -> web.StreamResponse:
+    async def _execute(self, ctx: RequestContext, key: str, token: str) -> StreamResponse:
         lease_end = asyncio.get_running_loop().time() + self.lease
         recorder = ResponseRecorder(self.max_body, self.extra)
 
@@ -319,7 +319,7 @@ class IdempotencyStage:
             _spawn(_until_lease_end(op, lease_end))
 
     async def _store_failed(self, ctx: RequestContext, exc: StoreError, key: str, token: str
-                            ) -> web.StreamResponse:
+                            ) -> StreamResponse:
         ctx.idempotency_outcome = IdempotencyOutcome.STORE_ERROR
         if isinstance(exc, StoreTimeout):  # our claim may still land: take it back
             store = self.store
@@ -335,6 +335,6 @@ class IdempotencyStage:
 
 
 def _refuse(ctx: RequestContext, kind: ProblemType, detail: str, error_type: str,
-            headers: list[tuple[str, str]] | None = None) -> web.Response:
+            headers: list[tuple[str, str]] | None = None) -> Response:
     ctx.error_type = error_type
     return problem(kind, detail, ctx.trace_id, headers or ())

@@ -16,11 +16,12 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
-from aiohttp import web
 
 from proxy.config import Logging
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import ProblemType, problem
+from proxy.http.request import Request
+from proxy.http.response import StreamResponse
 from proxy.observability.answers import proxy_reason
 from proxy.observability.events import emit, iso_time
 from proxy.observability.instruments import OTHER_METHOD
@@ -70,20 +71,21 @@ def server_of(host: str | None, scheme: str) -> tuple[str | None, int | None]:
     return host[:MAX_FIELD], 443 if scheme == "https" else 80
 
 
-async def flushed(request: web.BaseRequest, timeout: float) -> bool:
+async def flushed(request: Request, timeout: float) -> bool:
     """Wait until the kernel has accepted every response byte the transport still holds, at
     most `timeout` seconds; False when the client did not read them in time.
 
     asyncio wakes a writer only once its buffer is under the low-water mark, so the mark is
     set to 0 for the wait (and put back): the wake-up then means "empty"."""
     transport = request.transport
-    if transport is None or not transport.get_write_buffer_size():
+    channel = request.channel
+    if transport is None or channel is None or not transport.get_write_buffer_size():
         return True
     low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(high=0, low=0)
     try:
         async with asyncio.timeout(timeout):
-            await request.writer.drain()
+            await channel.drain()
     except TimeoutError:
         return False
     except (ConnectionError, OSError):
@@ -114,9 +116,9 @@ class AccessLog:
     def stage(self, next_handler: Handler) -> Handler:
         inflight = self.metrics.inflight
 
-        async def handle(ctx: RequestContext) -> web.StreamResponse:
+        async def handle(ctx: RequestContext) -> StreamResponse:
             inflight.value += 1
-            response: web.StreamResponse | None = None
+            response: StreamResponse | None = None
             try:
                 response = await next_handler(ctx)
                 # duration_ms ends when the kernel took the last byte, not when it was queued.
@@ -125,10 +127,6 @@ class AccessLog:
                 return response
             except asyncio.CancelledError:
                 ctx.error_type = ctx.error_type or "cancelled"
-                raise
-            except web.HTTPException as exc:  # aiohttp's raise-a-response idiom: it is the answer
-                exc.headers["X-Trace-Id"] = ctx.trace_id
-                response = exc
                 raise
             except Exception as exc:
                 ctx.error_type = ctx.error_type or type(exc).__name__
@@ -153,7 +151,7 @@ class AccessLog:
 
         return handle
 
-    def _finish(self, ctx: RequestContext, response: web.StreamResponse | None) -> None:
+    def _finish(self, ctx: RequestContext, response: StreamResponse | None) -> None:
         if response is None:
             status = ctx.status or 499
             size = ctx.response_body_size
@@ -161,9 +159,9 @@ class AccessLog:
             status = response.status
             size = ctx.response_body_size if response.prepared else (response.content_length or 0)
         request = ctx.request
-        self.record(ctx, status, size, request.method, request.rel_url.raw_path)
+        self.record(ctx, status, size, request.method, request.raw_path)
 
-    def rejected(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+    def rejected(self, request: Request, response: StreamResponse) -> None:
         """Log and count a request the HTTP parser refused (method and path are unknown)."""
         ctx = RequestContext(request, request.remote or "")
         ctx.trace_id = response.headers.get("X-Trace-Id", "")
@@ -220,7 +218,7 @@ class AccessLog:
             "trace_flags": ctx.trace_flags,
             "http.request.method": _bounded(method),
             "url.path": _bounded(path),
-            "url.query": allowed_query(ctx.request.rel_url.raw_query_string, self.allow)
+            "url.query": allowed_query(request.query_string, self.allow)
             if self.allow and path is not None
             else None,
             "url.scheme": scheme,

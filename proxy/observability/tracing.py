@@ -12,9 +12,8 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from aiohttp import web
-
 from proxy.http.context import Handler, RequestContext
+from proxy.http.response import StreamResponse
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 # The four fields every version starts with; version 00 has nothing after them, a later version
@@ -124,7 +123,7 @@ def stage(next_handler: Handler, sample: Callable[[str], bool] | None = None) ->
     """`sample` (set when spans are exported) decides the sampled flag of traces that start
     here; a continued trace keeps its parent's decision."""
 
-    async def handle(ctx: RequestContext) -> web.StreamResponse:
+    async def handle(ctx: RequestContext) -> StreamResponse:
         headers = ctx.request.headers
         replaced: list[str] = []
         raw_parents = headers.getall("traceparent", ())

@@ -7,10 +7,9 @@ admitted requests keep their latency. `Upstream.inflight` feeds the retry budget
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import ProblemType, problem, retry_after
+from proxy.http.response import StreamResponse
 from proxy.upstream.targets import Upstream
 
 # A slot frees as soon as any request in progress finishes: try again in the shortest wait.
@@ -20,7 +19,7 @@ _RETRY_AFTER = (retry_after(1),)
 def stage(next_handler: Handler, upstream: Upstream) -> Handler:
     limit = upstream.config.max_inflight
 
-    async def admit(ctx: RequestContext) -> web.StreamResponse:
+    async def admit(ctx: RequestContext) -> StreamResponse:
         if limit is not None and upstream.inflight >= limit:
             ctx.error_type = "overloaded"
             return problem(

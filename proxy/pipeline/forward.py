@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
-
-from aiohttp import hdrs, web
 
 from proxy.config import Limits, UpstreamHost
 from proxy.http import body
 from proxy.http.context import (
-    CLIENT_LOST,
     Exchange,
     Handler,
     Payload,
@@ -32,37 +26,23 @@ from proxy.http.headers import (
     upstream_request_headers,
 )
 from proxy.http.problem import problem, retry_after
+from proxy.http.request import Request
+from proxy.http.response import Response, StreamResponse, reason_for
 from proxy.upstream.targets import Upstream, served_by
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 
 # Expect is answered by the proxy itself; the upstream never sees it.
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
-# The status line and the headers aiohttp adds (Date, Content-Length, Connection), generously.
+# The status line and the headers the server adds (Date, Content-Length, Connection), generously.
 _HEAD_OVERHEAD = 256
 
 
 # RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ); anything else (a CTL)
-# would make aiohttp refuse to write the head and answer its own 500 instead.
+# would split or corrupt the head the client receives.
 _BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # The one idempotency outcome under which the upstream exchange must run to completion (its
 # response is being stored), whatever the client does.
 _CLAIMED = "miss"
-
-
-class _Relayed(web.StreamResponse):
-    # aiohttp's own opt-in (web.Response uses it): the head waits for the first body bytes and
-    # leaves in the same write, one syscall per small response instead of two.
-    _send_headers_immediately = False
-    # Whether the upstream sent a Content-Type. aiohttp adds `application/octet-stream` to
-    # any response with a body and none; a proxy must not invent a type (RFC 9110 §8.3 lets
-    # the recipient sniff or assume one, and that choice is the client's).
-    typed = True
-
-    async def _write_headers(self) -> None:
-        if not self.typed:
-            self.headers.popall(hdrs.CONTENT_TYPE, None)
-        await super()._write_headers()
 
 
 def handler(
@@ -75,7 +55,7 @@ def handler(
     """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry);
     `untrusted` names the headers removed unless the peer is a trusted proxy."""
 
-    async def forward(ctx: RequestContext) -> web.StreamResponse:
+    async def forward(ctx: RequestContext) -> StreamResponse:
         request = ctx.request
         ctx.upstream_name = upstream.name
         headers = upstream_request_headers(
@@ -98,12 +78,12 @@ def handler(
             payload = body.stream(ctx, limits.max_request_body, limits.body_timeout)
             if request.content_length is not None:
                 headers.append(("Content-Length", str(request.content_length)))
-        query = request.rel_url.raw_query_string
+        query = request.query_string
         target = f"{ctx.path}?{query}" if query else ctx.path
         started = time.perf_counter()
         abortable = ctx.idempotency_outcome != _CLAIMED
         if abortable:
-            request[CLIENT_LOST] = _aborter(ctx)
+            request.on_lost = _aborter(ctx)
         try:
             response = await send(ctx, request.method, target, headers, payload)
             ctx.upstream_duration = time.perf_counter() - started
@@ -121,7 +101,7 @@ def handler(
             raise
         finally:
             if abortable:
-                del request[CLIENT_LOST]
+                request.on_lost = None
 
     return forward
 
@@ -142,7 +122,7 @@ def _aborter(ctx: RequestContext) -> Callable[[], None]:
     return abort
 
 
-def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
+def _failed(ctx: RequestContext, exc: UpstreamError) -> Response:
     if isinstance(ctx.request_error, body.BodyError):
         # The client's body failed: the upstream saw a truncated request and must not act on it.
         ctx.upstream_outcome = UpstreamOutcome.NOT_SENT
@@ -154,7 +134,7 @@ def _failed(ctx: RequestContext, exc: UpstreamError) -> web.Response:
     return problem(exc.problem, str(exc), ctx.trace_id, headers)
 
 
-def body_problem(ctx: RequestContext, error: body.BodyError) -> web.Response:
+def body_problem(ctx: RequestContext, error: body.BodyError) -> Response:
     response = problem(error.problem, str(error), ctx.trace_id)
     response.force_close()
     return response
@@ -162,7 +142,7 @@ def body_problem(ctx: RequestContext, error: body.BodyError) -> web.Response:
 
 async def _relay(
     ctx: RequestContext, upstream: UpstreamResponse, write_timeout: float
-) -> web.StreamResponse:
+) -> StreamResponse:
     bad_head = response_head_problem(upstream.headers)
     chunks = upstream.chunks()
     try:
@@ -179,17 +159,15 @@ async def _relay(
     if _BAD_REASON.search(reason):
         # The reason phrase carries no meaning (RFC 9112 §4: clients ignore it): the status's
         # standard phrase replaces an unsendable one, and the status is relayed as it came.
-        reason = _standard_reason(upstream.status)
-    response = _Relayed(status=upstream.status, reason=reason)
+        reason = reason_for(upstream.status)
+    # No Content-Type is invented for an untyped body (RFC 9110 §8.3 leaves sniffing or
+    # assuming one to the recipient).
+    response = StreamResponse(status=upstream.status, reason=reason)
     relayed = downstream_response_headers(upstream.headers)
     head_size = _HEAD_OVERHEAD + len(ctx.trace_id)
-    typed = False
     for name, value in (*relayed, *ctx.response_headers):
         response.headers.add(name, value)
         head_size += len(name) + len(value) + 4
-        if len(name) == 12 and name.lower() == "content-type":
-            typed = True
-    response.typed = typed
     response.headers["X-Trace-Id"] = ctx.trace_id
     response.headers.setdefault("Server", SERVER)
     if upstream.content_length is not None:
@@ -244,14 +222,7 @@ async def _relay(
     return response
 
 
-def _standard_reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-async def _send_whole(response: web.StreamResponse, request: web.BaseRequest, body: bytes) -> None:
+async def _send_whole(response: StreamResponse, request: Request, body: bytes) -> None:
     await response.prepare(request)
     await response.write_eof(body)
 
@@ -291,12 +262,7 @@ async def _deliver(
 
 
 def _abort(ctx: RequestContext) -> None:
-    """Reset the client connection now. Without SO_LINGER 0 the kernel would keep the socket
-    and its unsent megabytes alive for a slow reader, closing politely only once they drain."""
-    transport = ctx.request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    transport.abort()
+    """Reset the client connection now (headers are out, or the client stopped reading)."""
+    channel = ctx.request.channel
+    if channel is not None:
+        channel.abort()

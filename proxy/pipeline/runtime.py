@@ -18,7 +18,9 @@ from proxy.http.context import Handler, RequestContext
 from proxy.http.headers import client_address, untrusted_forwarding
 from proxy.http.path import BadPath, normalise
 from proxy.http.problem import ProblemType, problem
+from proxy.http.request import Request
 from proxy.http.request_checks import check_host, check_request
+from proxy.http.response import Response, StreamResponse
 from proxy.idempotency import stage as idempotency
 from proxy.idempotency.keys import KeyHasher
 from proxy.observability import logsink, tracing
@@ -151,10 +153,10 @@ class Runtime:
         if previous.config.tracing.export == self.config.tracing.export:
             self.spans, previous.spans = previous.spans, None  # queued spans go on
 
-    async def _dispatch(self, ctx: RequestContext) -> web.StreamResponse:
+    async def _dispatch(self, ctx: RequestContext) -> StreamResponse:
         request = ctx.request
         limits = self.config.limits
-        path = request.rel_url.raw_path
+        path = request.raw_path
         rejection = check_request(
             request.version,
             path,
@@ -240,6 +242,9 @@ class InFlight:
 
 
 AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# A health probe: takes the raw query string, answers on the admin port (proxy/admin/probes.py
+# adapts it to aiohttp) and, with `health.on_data_port`, on the data port.
+Probe = Callable[[str], Awaitable[Response]]
 
 
 class DataPlane:
@@ -254,7 +259,7 @@ class DataPlane:
         self.runtime = runtime
         self.inflight = InFlight()
         self.draining = False
-        self.probes: Mapping[str, AdminHandler] = {}
+        self.probes: Mapping[str, Probe] = {}
         self._live: dict[int, RequestContext] = {}
 
     def start_drain(self) -> None:
@@ -262,12 +267,12 @@ class DataPlane:
         for ctx in self._live.values():
             ctx.close_connection = True
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> StreamResponse:
         runtime = self.runtime
         if runtime.config.health.on_data_port and request.method in ("GET", "HEAD"):
-            probe = self.probes.get(request.path)
+            probe = self.probes.get(request.raw_path)
             if probe is not None:
-                return await probe(request)
+                return await probe(request.query_string)
         peer = request.remote or ""
         trusted = runtime.config.trusted_proxies
         client_ip = (
@@ -290,7 +295,7 @@ class DataPlane:
             response.force_close()
         return response
 
-    def rejected(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+    def rejected(self, request: Request, response: StreamResponse) -> None:
         """Log and count a request the HTTP parser refused before the pipeline ran."""
         self.runtime.access_log.rejected(request, response)
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import math
 
-from aiohttp import web
-
 from proxy.config import QuotaKeySource, Route
 from proxy.http.context import Handler, RequestContext
 from proxy.http.problem import ProblemType, problem, retry_after
+from proxy.http.response import StreamResponse
 from proxy.observability.instruments import Cell
 from proxy.quota.limiter import Decision, Limiter, QuotaStoreError
 
@@ -55,7 +54,7 @@ def stage(next_handler: Handler, route: Route, limiter: Limiter, store_errors: C
     fail_open = quota.on_error == "fail_open"
     policy = policy_header(route.name, quota.rate, burst)
 
-    async def limit(ctx: RequestContext) -> web.StreamResponse:
+    async def limit(ctx: RequestContext) -> StreamResponse:
         tenant = ctx.request.headers.get(header) if header is not None else None
         identity = f"h:{tenant}" if tenant else f"ip:{ctx.client_ip}"
         try:

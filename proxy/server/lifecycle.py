@@ -31,7 +31,9 @@ SETTLE_POLL = 0.02
 
 
 class Connections(Protocol):
-    """The data server's connections, as the drain needs them (see server._Server)."""
+    """The data server, as the drain needs it (see proxy/server/listener.py)."""
+
+    async def stop_listening(self) -> None: ...
 
     @property
     def open_connections(self) -> int: ...
@@ -72,7 +74,7 @@ class Lifecycle:
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
-    async def drain(self, site: web.BaseSite, server: Connections) -> bool:
+    async def drain(self, server: Connections) -> bool:
         """Run the drain after `request_stop`; True when nothing had to be aborted."""
         shutdown = self.plane.runtime.config.shutdown
         loop = asyncio.get_running_loop()
@@ -86,7 +88,7 @@ class Lifecycle:
             inflight=self.plane.inflight.count,
         )
         await asyncio.sleep(shutdown.drain_delay)
-        await site.stop()
+        await server.stop_listening()
         emit(
             "listener_closed",
             inflight=self.plane.inflight.count,

@@ -51,7 +51,7 @@ async def make_admin(aiohttp_client: Any) -> AsyncIterator[MakeAdmin]:
         if store is not None:
             stores.append(store)
         await monitor.attach(config, store)
-        client: Admin = await aiohttp_client(admin_app(probes.probes(monitor), {}))
+        client: Admin = await aiohttp_client(admin_app(probes.on_admin_port(probes.probes(monitor)), {}))
         return client, monitor
 
     yield factory
@@ -325,7 +325,7 @@ async def test_admin_thread_answers_while_the_main_loop_is_blocked(
     monitor = HealthMonitor()
     await monitor.attach(config_for(upstream.url), None)
     port = free_port()
-    admin = AdminThread(admin_app(probes.probes(monitor), {}), "127.0.0.1", port)
+    admin = AdminThread(admin_app(probes.on_admin_port(probes.probes(monitor)), {}), "127.0.0.1", port)
     await admin.start()
     try:
         answered: list[int] = []

@@ -31,12 +31,18 @@ class RawResponse:
 
 
 class RawConnection:
+    # Send this many first bytes of the connection one byte per segment (0: as given). Set by
+    # tests/conformance/conftest.py for its bytewise runs.
+    bytewise_prefix = 0
+
     def __init__(self, port: int, timeout: float = 5, rcvbuf: int | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         self.sock.connect(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.split_left = self.bytewise_prefix
         self.buffer = b""
         self.eof = False
 
@@ -50,7 +56,17 @@ class RawConnection:
         self.sock.close()
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        split = min(self.split_left, len(data))
+        for index in range(split):
+            try:
+                self.sock.sendall(data[index : index + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                # The proxy answered early and closed (a refusal at the first bad byte): what
+                # it said is read next, as a client that stops sending on a closed socket would.
+                return
+        self.split_left -= split
+        if split < len(data):
+            self.sock.sendall(data[split:])
 
     def _fill(self) -> bool:
         """Read more into the buffer; False at the end of the connection."""

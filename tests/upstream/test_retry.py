@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
 
 from proxy.config import Retries
 from proxy.config import Upstream as UpstreamConfig
@@ -17,6 +16,7 @@ from proxy.upstream.targets import Upstream
 from proxy.upstream.transport import UpstreamNotSent, UpstreamTimeout
 from tests.support.faults import first_then, hang_until, refusing_url, status, unanswered_url
 from tests.support.proxy_process import base_config
+from tests.support.requests import make_request
 from tests.support.upstream import RecordingUpstream, echo
 
 
@@ -101,7 +101,7 @@ async def test_ambiguous_get_is_resent_only_when_opted_in(
 
 
 def context(method: str, outcome: str | None = None) -> RequestContext:
-    ctx = RequestContext(make_mocked_request(method, "/pay"), "127.0.0.1")
+    ctx = RequestContext(make_request(method, "/pay"), "127.0.0.1")
     ctx.idempotency_outcome = outcome
     return ctx
 

@@ -1,0 +1,417 @@
+"""One client connection of the data port: llhttp (httptools) parsing, keep-alive, pipelining.
+
+An `asyncio.Protocol`, the way uvicorn's httptools_impl is built. The connection moves through
+explicit states (`Phase`): waiting for a head (under `limits.header_timeout`, which is also the
+keep-alive idle time), handling requests one at a time in arrival order (a pipelined request
+waits its turn, and reading pauses until it gets it), and lingering after an early answer
+(reading and discarding the unread body a moment, so the answer is not lost to a reset).
+
+Flow control runs both ways: reading pauses while a request body waits unread beyond
+`BODY_HIGH_WATER` (a slow upstream slows the client), and writers wait in `drain()` while the
+transport holds more than its high-water mark (a slow client slows the upstream), for at most
+`limits.write_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections import deque
+from enum import Enum
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.http.problem import ProblemType
+from proxy.http.request import HTTP_10, HTTP_11, Body, BodyFramingError, Request, Version
+from proxy.http.response import Response, StreamResponse
+from proxy.server.head import HeadLimits, Refusal, refusal_for, target_parts
+
+if TYPE_CHECKING:
+    from proxy.server.listener import DataServer
+
+# A request body waiting unread beyond this pauses reading from the client.
+BODY_HIGH_WATER = 256 * 1024
+# After an early answer (413, 408) the unread rest of the body is read and dropped this long
+# before closing: closing with unread bytes sends a reset, which can destroy the answer.
+LINGERING_TIME = 1.0
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
+
+
+class Phase(Enum):
+    IDLE = "idle"  # no request begun: the header deadline runs (keep-alive idle time)
+    HEAD = "head"  # a head is arriving: the header deadline runs
+    BUSY = "busy"  # a request is being handled (body and write deadlines are the stages')
+    LINGER = "linger"  # answered early: discarding the rest until EOF or LINGERING_TIME
+    CLOSED = "closed"
+
+
+_VERSIONS = {"1.1": HTTP_11, "1.0": HTTP_10}
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, server: DataServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.limits: HeadLimits = server.head_limits
+        self.transport: asyncio.Transport | None = None
+        self.remote = ""
+        self.phase = Phase.IDLE
+        self.requests = 0  # answered on this connection
+        self._parser = httptools.HttpRequestParser(self)
+        # The head being parsed.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        # The request whose body is being parsed, and the requests parsed but not yet handled.
+        self._reading: Request | None = None
+        self._raw_body = 0  # bytes of an upgrade request's body llhttp leaves to us
+        self._queue: deque[Request] = deque()
+        self._current: Request | None = None
+        self._task: asyncio.Task[None] | None = None
+        # What ends the connection once the current request is answered.
+        self._close_after = False
+        self._refusal: Response | None = None  # a later pipelined head the parser refused
+        self._paused_by: set[str] = set()
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport has the Transport interface without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else ""
+        if not self.server.admit(self):
+            return
+        self._set_deadline(self.loop.time() + self.server.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.LINGER or self.phase is Phase.CLOSED:
+            return  # dropped: the connection is ending
+        if self._raw_body:
+            data = self._feed_raw_body(data)
+            if not data:
+                return
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.HEAD
+        if self._reading is None:
+            self._head_bytes += len(data)  # reset when a head completes
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0]:])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, Refusal) else refusal_for(exc))
+        except httptools.HttpParserError as exc:
+            self._refuse(refusal_for(exc))
+        else:
+            if self._reading is None and self._head_bytes > self.limits.head:
+                # httptools buffers a header line until it ends: the head is bounded here.
+                self._refuse(Refusal(ProblemType.HEADERS_TOO_LARGE,
+                                     f"the request head exceeds {self.limits.head} bytes"))
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: as aiohttp did, the connection is treated as lost (an
+        # unfinished body fails, a request being handled learns its client is gone).
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = Phase.CLOSED
+        self.server.forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gone = ConnectionResetError("client connection lost")
+        for request in (self._current, self._reading, *self._queue):
+            if request is not None and request.content is not None:
+                request.content.fail(gone)
+        self._queue.clear()
+        current = self._current
+        if current is not None and current.on_lost is not None:
+            current.on_lost()
+        waiter = self._drained
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(gone)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drained
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- Channel (proxy.http.request) -----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("cannot write to a closing connection")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._write_paused:
+            return
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("cannot write to a closing connection")
+        self._drained = self.loop.create_future()
+        try:
+            async with asyncio.timeout(self.server.write_timeout):
+                await self._drained
+        except TimeoutError:
+            self.abort()
+            raise ConnectionResetError("the client did not read the response in time") from None
+        finally:
+            self._drained = None
+
+    # --- httptools callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.request_line:
+            raise Refusal(ProblemType.URI_TOO_LONG,
+                          f"a line of the request is longer than {self.limits.request_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.limits
+        if len(name) + len(value) > limits.field:
+            raise Refusal(ProblemType.HEADERS_TOO_LARGE,
+                          f"a line of the request is longer than {limits.field} bytes")
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > limits.count:
+            raise Refusal(ProblemType.HEADERS_TOO_LARGE, "too many headers")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            major, _, minor = parser.get_http_version().partition(".")
+            version = Version(int(major or 0), int(minor or 0))
+        headers = tuple(self._headers)
+        self.limits.check(version, headers)
+        path, query = target_parts(self._url)
+        request = Request(
+            parser.get_method().decode("ascii"), path, query, version, headers, self.remote,
+            self, None, keep_alive=parser.should_keep_alive(),
+        )
+        chunked = "Transfer-Encoding" in request.headers
+        if chunked or request.content_length:
+            request.content = Body(BODY_HIGH_WATER)
+            request.content.on_drained = lambda: self._resume("body")
+            if parser.should_upgrade() and not chunked:
+                # llhttp hands an upgrade request's body back as the upgraded protocol's bytes;
+                # no upgrade is served, so the Content-Length frames it as any other body.
+                self._raw_body = request.content_length or 0
+        self._reading = request
+        self._headers = []  # from here on: trailers, counted and dropped
+        self._head_bytes = 0
+        self.phase = Phase.BUSY
+        self._set_deadline(None)
+        if self._current is None and not self._queue:
+            self._start(request)
+        else:
+            self._queue.append(request)
+            self._pause("pipeline")  # one waiting request at most: the rest stays in the socket
+
+    def on_body(self, body: bytes) -> None:
+        request = self._reading
+        if request is not None and request.content is not None and request.content.feed(body):
+            self._pause("body")
+
+    def on_message_complete(self) -> None:
+        request = self._reading
+        if request is None or self._raw_body:
+            return
+        if request.content is not None:
+            request.content.feed_eof()
+        self._reading = None
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        self._current = request
+        self._task = self.loop.create_task(self._handle(request))
+
+    async def _handle(self, request: Request) -> None:
+        response = await self.server.respond(request)
+        try:
+            if not response.prepared:
+                if isinstance(response, Response):
+                    await response.send(request)
+                else:
+                    await response.prepare(request)
+                    await response.write_eof()
+            elif not response.finished:
+                await response.write_eof()
+        except (ConnectionError, OSError):
+            response.keep_alive = False
+        self.requests += 1
+        self._finished(request, response)
+
+    def _finished(self, request: Request, response: StreamResponse) -> None:
+        self._current = None
+        self._task = None
+        if self.phase is Phase.CLOSED:
+            return
+        body = request.content
+        unread = body is not None and not body.is_eof()
+        if unread or not response.keep_alive or self._close_after or not request.keep_alive:
+            if self._queue or self._refusal is not None:
+                self._queue.clear()  # a closing connection answers nothing after this
+                self._refusal = None
+            self._close(linger=unread)
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            self._resume("pipeline")
+            return
+        if self._refusal is not None:
+            self._send_refusal(self._refusal)
+            return
+        if self._reading is None:
+            self.phase = Phase.IDLE if not self._head_bytes else Phase.HEAD
+            self._set_deadline(self.loop.time() + self.server.header_timeout)
+        self._resume("pipeline")
+
+    def _upgraded(self, rest: bytes) -> None:
+        """llhttp stopped at an upgrade request (or CONNECT): none is served, so a fresh parser
+        goes on after its body, which it left to us."""
+        self._parser = httptools.HttpRequestParser(self)
+        if self._reading is None:
+            return
+        if not self._raw_body:
+            self.on_message_complete_raw()
+        rest = self._feed_raw_body(rest)
+        if rest:
+            self.data_received(rest)
+
+    def _feed_raw_body(self, data: bytes) -> bytes:
+        request = self._reading
+        take = data[: self._raw_body]
+        self._raw_body -= len(take)
+        if request is not None and request.content is not None and take \
+                and request.content.feed(take):
+            self._pause("body")
+        if not self._raw_body:
+            self.on_message_complete_raw()
+        return data[len(take):]
+
+    def on_message_complete_raw(self) -> None:
+        self._raw_body = 0
+        self.on_message_complete()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """The parser refused the input: answer (in turn) and close; nothing after it is read."""
+        self._pause("refused")
+        self.phase = Phase.BUSY
+        reading = self._reading
+        if reading is not None and reading.content is not None:
+            # The head was accepted and is being handled: its body fails with the reason, and
+            # its own answer says so.
+            reading.content.fail(BodyFramingError(refusal.problem, refusal.detail))
+            self._reading = None
+            self._close_after = True
+            return
+        response = self.server.refused(self.remote, refusal)
+        if self._current is None and not self._queue:
+            self._send_refusal(response)
+        else:
+            self._refusal = response  # the requests before it are still answered, in order
+
+    def _send_refusal(self, response: Response) -> None:
+        try:
+            self.write(response.encode(Request.unparsed(self.remote)))
+        except ConnectionResetError:
+            return
+        self._close(linger=False)
+
+    # --- connection end and deadlines ---------------------------------------------------
+
+    def close_when_idle(self, fresh_too: bool) -> None:
+        """Drain: close now if no request is in progress (and one was answered already, unless
+        `fresh_too`), else after the current answer."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self._current is None and not self._queue and self._reading is None:
+            if fresh_too or self.requests > 0 or self.phase is Phase.LINGER:
+                self._close(linger=False)
+        else:
+            self._close_after = True
+
+    def cancel(self) -> None:
+        """Shutdown: stop the request being handled."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def _close(self, linger: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.phase = Phase.CLOSED
+            return
+        if linger and transport.can_write_eof():
+            self.phase = Phase.LINGER
+            transport.write_eof()  # the answer, then EOF; the client's rest is read and dropped
+            self._resume("body")
+            self._resume("pipeline")
+            self._set_deadline(self.loop.time() + LINGERING_TIME)
+            return
+        self.phase = Phase.CLOSED
+        transport.close()
+
+    def abort(self) -> None:
+        """Reset the connection now. Without SO_LINGER 0 the kernel would keep the socket and
+        its unsent megabytes alive for a slow reader, closing politely only once they drain."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
+
+    def _set_deadline(self, when: float | None) -> None:
+        """One timer per connection, re-armed lazily: moving the deadline on each request costs
+        an assignment, not a cancelled TimerHandle left in the loop's heap."""
+        self._deadline = when
+        if when is not None and self._timer is None:
+            self._timer = self.loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.phase is Phase.CLOSED:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_deadline)
+            return
+        # No head within header_timeout (idle keep-alive, or a slowloris), or lingering is over.
+        self._deadline = None
+        self.phase = Phase.CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._paused_by:
+            return
+        self._paused_by.discard(reason)
+        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
