@@ -71,6 +71,9 @@ class Run:
     responses: Counter[int] = field(default_factory=Counter)
     connection_errors: int = 0
     unexpected: list[str] = field(default_factory=list)
+    # Set by `drive`: start one more operation now (a fault step that needs a request in
+    # flight cannot count on the remaining traffic: a fast run may have none left).
+    spawn: Callable[[], None] = lambda: None
 
     @property
     def finished(self) -> int:
@@ -141,9 +144,18 @@ async def drive(urls: Callable[[int], str], chaos: Callable[[Run], Awaitable[Non
             while queue:
                 await settle(session, urls, queue.pop(), run)
 
+        spawned: list[asyncio.Task[None]] = []
+
+        def spawn() -> None:
+            op = Operation(str(uuid.uuid4()), b'{"amount":%d}' % len(run.operations))
+            run.operations.append(op)
+            spawned.append(asyncio.create_task(settle(session, urls, op, run)))
+
+        run.spawn = spawn
         faults = asyncio.create_task(chaos(run))
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
         await faults
+        await asyncio.gather(*spawned)
     return run
 
 
@@ -204,9 +216,10 @@ async def after(run: Run, finished: int) -> None:
                      f"{finished} operations finished", step=0.05)
 
 
-async def holder_of_a_request(ledger: Ledger, pids: list[int]) -> int:
+async def holder_of_a_request(ledger: Ledger, run: Run, pids: list[int]) -> int:
     """The pid of a proxy process (or worker) that is waiting for the upstream right now."""
-    ledger.hold_next()  # one request will surely wait, even if the run is almost through
+    ledger.hold_next()  # the next request will surely wait...
+    run.spawn()  # ...and there is a next one, even if the run is through
 
     async def found() -> int:
         ports = ledger.fresh_requests(UPSTREAM_TIMEOUT / 2)
@@ -292,7 +305,7 @@ async def test_two_replicas_one_killed_mid_request(
         for threshold in (OPERATIONS // 4, OPERATIONS // 2):
             await after(run, threshold)
             pids = [replica.process.pid for replica in replicas if replica.process is not None]
-            pid = await holder_of_a_request(ledger, pids)
+            pid = await holder_of_a_request(ledger, run, pids)
             (victim,) = (r for r in replicas if r.process is not None and r.process.pid == pid)
             victim.kill()
             await asyncio.to_thread(victim.start)
@@ -324,7 +337,7 @@ async def test_two_workers_one_killed_mid_request(
         for threshold in (OPERATIONS // 4, OPERATIONS // 2):
             await after(run, threshold)
             workers = worker_pids(proxy)
-            killed = await holder_of_a_request(ledger, list(workers.values()))
+            killed = await holder_of_a_request(ledger, run, list(workers.values()))
             os.kill(killed, signal.SIGKILL)
             index = next(i for i, pid in workers.items() if pid == killed)
 
