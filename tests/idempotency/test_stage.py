@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from proxy.config import parse
-from proxy.http.context import RequestContext
+from proxy.http.context import RequestContext, UpstreamOutcome
+from proxy.http.response import Response, StreamResponse
 from proxy.idempotency import stage
 from proxy.idempotency.keys import KeyHasher
 from proxy.stores import MemoryStore, Store
 from proxy.stores.base import Lease, StoreError
 from tests.conftest import MakeProxy
 from tests.support.idempotency import assert_problem, idem_config
+from tests.support.requests import make_request
 from tests.support.upstream import RecordingUpstream
-
-Client = TestClient[web.Request, None]
 
 
 class BrokenStore(MemoryStore):
@@ -27,50 +26,64 @@ class BrokenStore(MemoryStore):
         raise StoreError("store is down")
 
 
-async def fake_forward(ctx: RequestContext) -> web.StreamResponse:
+async def fake_forward(ctx: RequestContext) -> StreamResponse:
     """Stands in for forward.py: an answered exchange, fed to the tap."""
-    ctx.upstream_outcome = "answered"
+    ctx.upstream_outcome = UpstreamOutcome.ANSWERED
     if ctx.tap is not None:
         ctx.tap.start(201, [("Content-Type", "text/plain")])
         ctx.tap.feed(b"ok")
-    return web.Response(status=201, text="ok")
+    return Response(status=201, body=b"ok", content_type="text/plain")
+
+
+Send = Callable[..., Awaitable[StreamResponse]]
 
 
 @pytest.fixture
-def staged(aiohttp_client: Any) -> Callable[..., Awaitable[tuple[Client, list[RequestContext]]]]:
-    """A client for one idempotency stage over `fake_forward`; returns the contexts it saw."""
+async def staged() -> AsyncIterator[Callable[..., tuple[Send, list[RequestContext]]]]:
+    """One idempotency stage over `fake_forward`, called with parsed requests (no socket);
+    returns a sender and the contexts it saw."""
+    stores: list[Store] = []
 
-    async def factory(store: Store | None = None, on_error: str = "fail_closed",
-                      **policy: Any) -> tuple[Client, list[RequestContext]]:
+    def factory(store: Store | None = None, on_error: str = "fail_closed",
+                **policy: Any) -> tuple[Send, list[RequestContext]]:
         config = parse(idem_config("http://127.0.0.1:1", "memory://",
                                    store={"on_error": on_error}, **policy), env={})
         store = MemoryStore(100) if store is None else store
+        stores.append(store)
         handler = stage.IdempotencyStage(fake_forward, route=config.routes[0], store=store,
                               store_config=config.store, limits=config.limits,
                               hasher=KeyHasher("salt"), lease=5)
         contexts: list[RequestContext] = []
 
-        async def entry(request: web.Request) -> web.StreamResponse:
-            ctx = RequestContext(request, "127.0.0.1", trace_id="1" * 32, path=request.path)
+        async def send(method: str, path: str, body: bytes = b"",
+                       headers: dict[str, str] | None = None) -> StreamResponse:
+            raw = tuple((k.encode(), v.encode()) for k, v in (headers or {}).items())
+            request = make_request(method, path, raw, body)
+            ctx = RequestContext(request, "127.0.0.1", trace_id="1" * 32, path=path)
             contexts.append(ctx)
             return await handler(ctx)
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", entry)
-        app.on_cleanup.append(lambda _: store.close())
-        return await aiohttp_client(app), contexts
+        return send, contexts
 
-    return factory
+    yield factory
+    for store in stores:
+        await store.close()
+
+
+def problem_slug(response: StreamResponse) -> str:
+    assert isinstance(response, Response)
+    assert response.headers["Content-Type"] == "application/problem+json"
+    return str(orjson.loads(response.body)["type"]).rsplit(":", 1)[-1]
 
 
 async def test_outcomes_and_hashes_on_the_context(staged: Any) -> None:
-    client, contexts = await staged(scope={"header": "Authorization"})
+    send, contexts = staged(scope={"header": "Authorization"})
     headers = {"Idempotency-Key": "k1", "Authorization": "Bearer secret"}
-    await client.post("/v1/a", data=b"1", headers=headers)
-    await client.post("/v1/a", data=b"1", headers=headers)
-    await client.post("/v1/a", data=b"2", headers=headers)
-    await client.post("/v1/a", data=b"1")
-    await client.get("/v1/a", headers=headers)
+    await send("POST", "/v1/a", b"1", headers)
+    await send("POST", "/v1/a", b"1", headers)
+    await send("POST", "/v1/a", b"2", headers)
+    await send("POST", "/v1/a", b"1")
+    await send("GET", "/v1/a", headers=headers)
     miss, replay, mismatch, _bypass, get = contexts
     assert [c.idempotency_outcome for c in contexts] == [
         "miss", "replay", "mismatch", "bypass", None
@@ -86,20 +99,20 @@ async def test_outcomes_and_hashes_on_the_context(staged: Any) -> None:
 
 
 async def test_store_failure_fail_closed_is_503_with_retry_after(staged: Any) -> None:
-    client, contexts = await staged(store=BrokenStore(10))
-    response = await client.post("/v1/a", data=b"1", headers={"Idempotency-Key": "k"})
-    await assert_problem(response, 503, "store-unavailable")
+    send, contexts = staged(store=BrokenStore(10))
+    response = await send("POST", "/v1/a", b"1", {"Idempotency-Key": "k"})
+    assert (response.status, problem_slug(response)) == (503, "store-unavailable")
     assert response.headers["Retry-After"] == "1"
     assert (contexts[0].idempotency_outcome, contexts[0].error_type) == (
         "store_error", "store_unavailable"
     )
     # Unkeyed requests do not touch the store.
-    assert (await client.post("/v1/a", data=b"1")).status == 201
+    assert (await send("POST", "/v1/a", b"1")).status == 201
 
 
 async def test_store_failure_fail_open_forwards_unprotected(staged: Any) -> None:
-    client, contexts = await staged(store=BrokenStore(10), on_error="fail_open")
-    response = await client.post("/v1/a", data=b"1", headers={"Idempotency-Key": "k"})
+    send, contexts = staged(store=BrokenStore(10), on_error="fail_open")
+    response = await send("POST", "/v1/a", b"1", {"Idempotency-Key": "k"})
     assert response.status == 201
     assert (contexts[0].idempotency_outcome, contexts[0].error_type) == (
         "store_error", "store_unavailable"

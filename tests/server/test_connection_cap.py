@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.observability import events, logsink
-from proxy.server import serve as server
+from proxy.server import listener as server
 from tests.conftest import MakeProxy
 from tests.support.lines import Lines
 from tests.support.proxy_process import base_config
