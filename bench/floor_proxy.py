@@ -1,5 +1,6 @@
-"""The floor for idemproxy's design: aiohttp's low-level server in front of the h1 upstream client
-with nothing in between (no routing, tracing, header hygiene, logs or metrics).
+"""The floor for idemproxy's design: its own data-port server (proxy/server/protocol.py) in front
+of its h1 upstream client with nothing in between (no routing, checks, tracing, header hygiene,
+logs or metrics). What idemproxy costs beyond this is the pipeline's.
 
 Run: python -m bench.floor_proxy PORT UPSTREAM_URL
 """
@@ -10,24 +11,29 @@ import asyncio
 import sys
 
 import uvloop
-from aiohttp import web
 
+from proxy.config import Limits
+from proxy.http.request import Request
+from proxy.http.response import StreamResponse
+from proxy.server.listener import DataServer
 from proxy.upstream.h1 import H1Transport
 
 FRAMING = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
-async def serve(port: int, upstream: str) -> None:
-    transport = H1Transport(upstream, connect_timeout=2, timeout=30, max_connections=256)
+class Forwarder:
+    def __init__(self, upstream: str) -> None:
+        self.transport = H1Transport(upstream, connect_timeout=2, timeout=30, max_connections=256)
 
-    async def forward(request: web.BaseRequest) -> web.StreamResponse:
-        answer = await transport.send(request.method, request.rel_url.raw_path_qs, [], None)
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    async def __call__(self, request: Request) -> StreamResponse:
+        query = request.query_string
+        target = f"{request.raw_path}?{query}" if query else request.raw_path
+        answer = await self.transport.send(request.method, target, [], None)
+        response = StreamResponse(status=answer.status, reason=answer.reason)
         for name, value in answer.headers:
             if name.lower() not in FRAMING:
                 response.headers.add(name, value)
-        if answer.content_length is not None:
-            response.content_length = answer.content_length
+        response.content_length = answer.content_length
         await response.prepare(request)
         try:
             async for chunk in answer.chunks():
@@ -37,9 +43,15 @@ async def serve(port: int, upstream: str) -> None:
             answer.release()
         return response
 
-    runner = web.ServerRunner(web.Server(forward, access_log=None))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    def rejected(self, request: Request, response: StreamResponse) -> None:
+        pass  # the floor keeps no log
+
+    def connection_refused(self) -> None:
+        pass  # nor metrics
+
+
+async def serve(port: int, upstream: str) -> None:
+    await DataServer(Forwarder(upstream), Limits()).listen("127.0.0.1", port)
     await asyncio.Event().wait()
 
 

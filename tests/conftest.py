@@ -36,7 +36,7 @@ class ProxyTestServer(BaseTestServer):
     async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
         if self.data is not None:
             return
-        self.data = DataServer(self.plane, self.plane.runtime.config)
+        self.data = DataServer(self.plane, self.plane.runtime.config.limits)
         self.port = await self.data.listen(self.host, 0)
         self.scheme = "http"
         self._root = URL(f"http://{self.host}:{self.port}")

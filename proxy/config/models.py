@@ -101,7 +101,7 @@ class Forwarding(Model):
 class Limits(Model):
     max_request_body: Size = 10 * 1024 * 1024
     max_header_bytes: Size = 16 * 1024
-    # Deadlines must be positive: 0 would switch aiohttp's header timer off, or cut every write.
+    # Deadlines must be positive: 0 would make the data server close every connection at once.
     header_timeout: Deadline = 10.0
     body_timeout: Deadline = 30.0
     # A client that accepts no response bytes for this long is disconnected (slow reader).

@@ -299,6 +299,9 @@ class DataPlane:
         """Log and count a request the HTTP parser refused before the pipeline ran."""
         self.runtime.access_log.rejected(request, response)
 
+    def connection_refused(self) -> None:
+        self.runtime.metrics.connections_rejected.value += 1
+
 
 async def _admin_post_only(request: web.Request) -> web.Response:
     """Every /admin/* path changes state: POST only (405 otherwise), unknown ones 404."""

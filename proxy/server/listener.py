@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from typing import Protocol
 
-from proxy.config import Config
+from proxy.config import Limits
 from proxy.http.problem import ProblemType, problem, problem_body
 from proxy.http.request import Request
 from proxy.http.response import Response, StreamResponse
 from proxy.observability import tracing
 from proxy.observability.access_log import MAX_FIELD
 from proxy.observability.events import emit
-from proxy.pipeline.runtime import DataPlane
 from proxy.server.head import HeadLimits, Refusal
 from proxy.server.protocol import HttpProtocol
 
@@ -45,11 +45,25 @@ def over_capacity_response(max_connections: int) -> bytes:
     return head.encode() + body
 
 
+class Plane(Protocol):
+    """What the server serves (proxy.pipeline.runtime.DataPlane; bench/floor_proxy.py's bare
+    forwarder)."""
+
+    async def __call__(self, request: Request) -> StreamResponse: ...
+
+    def rejected(self, request: Request, response: StreamResponse) -> None:
+        """Log and count a request the parser refused."""
+        ...
+
+    def connection_refused(self) -> None:
+        """Count a connection refused beyond `limits.max_connections`."""
+        ...
+
+
 class DataServer:
     """The protocol factory and the owner of every open data connection."""
 
-    def __init__(self, plane: DataPlane, config: Config) -> None:
-        limits = config.limits
+    def __init__(self, plane: Plane, limits: Limits) -> None:
         self.plane = plane
         self.loop = asyncio.get_running_loop()
         self.head_limits = HeadLimits.from_config(limits.max_header_bytes)
@@ -144,7 +158,7 @@ class DataServer:
     def _rejected(self) -> None:
         """Count a refused connection; warn at once, then at most every REJECTED_EVENT_INTERVAL
         with the number refused since the last warning (the counter has them all)."""
-        self.plane.runtime.metrics.connections_rejected.value += 1
+        self.plane.connection_refused()
         self._unreported += 1
         now = time.monotonic()
         if now - self._reported_at >= REJECTED_EVENT_INTERVAL:

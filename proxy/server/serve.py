@@ -79,7 +79,7 @@ async def serve(
     await monitor.attach(config, store)
     reloader = Reloader(path, plane, monitor)
     lifecycle = Lifecycle(plane, monitor, reloader)
-    server = DataServer(plane, config)
+    server = DataServer(plane, config.limits)
     admin = AdminThread(
         admin_app(
             probes.on_admin_port(plane.probes),
