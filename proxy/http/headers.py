@@ -164,15 +164,38 @@ def upstream_request_headers(
     drop: frozenset[str] = frozenset(),
     untrusted: frozenset[str] = UNTRUSTED_FORWARDING,
 ) -> Headers:
-    """Headers to send upstream: hygiene, then X-Forwarded-For/-Proto/-Host and Via.
+    """Headers to send upstream (see ForwardingRules; this builds the rules for one call)."""
+    return ForwardingRules(trusted, drop, untrusted).apply(headers, peer=peer, host=host)
+
+
+class ForwardingRules:
+    """Which request headers go upstream, fixed once per route at config load: hygiene, then
+    X-Forwarded-For/-Proto/-Host and Via.
 
     Client-supplied forwarding headers are kept (and extended) only when the peer is a trusted
     proxy; otherwise those in `untrusted` are removed and the proxy's own set. `Host` is
     dropped: the client sets it from the upstream URL.
     """
-    from_trusted = is_trusted(peer, trusted)
-    removed = FRAMING | drop | {"host", "via"} | (frozenset() if from_trusted else untrusted)
-    out = strip_hop_by_hop(headers, removed)
+
+    __slots__ = ("_removed", "_removed_trusted", "trusted")
+
+    def __init__(
+        self,
+        trusted: Networks,
+        drop: frozenset[str] = frozenset(),
+        untrusted: frozenset[str] = UNTRUSTED_FORWARDING,
+    ) -> None:
+        self.trusted = trusted
+        self._removed_trusted = FRAMING | drop | {"host", "via"}
+        self._removed = self._removed_trusted | untrusted
+
+    def apply(self, headers: Iterable[tuple[str, str]], *, peer: str, host: str | None) -> Headers:
+        from_trusted = is_trusted(peer, self.trusted)
+        out = strip_hop_by_hop(headers, self._removed_trusted if from_trusted else self._removed)
+        return _forwarded(out, from_trusted, peer, host)
+
+
+def _forwarded(out: Headers, from_trusted: bool, peer: str, host: str | None) -> Headers:
     if from_trusted:
         prior = [v for k, v in out if k.lower() == "x-forwarded-for"]
         out = [(k, v) for k, v in out if k.lower() != "x-forwarded-for"]

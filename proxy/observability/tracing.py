@@ -1,4 +1,7 @@
-"""Stage: take or mint the W3C trace id, and hand the upstream a child traceparent.
+"""Phase: take or mint the W3C trace id, and hand the upstream a child traceparent.
+
+Not a stage of its own: it never waits, so the data plane calls `begin` before the pipeline and
+`finish` after it, in its own frame (one coroutine less per request).
 
 Precedence: a valid `traceparent`, else a valid `X-Trace-Id` (32 lowercase hex, or a UUID that
 is normalised to it), else a new id. Invalid trace headers are never passed on; their names are
@@ -12,7 +15,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from proxy.http.context import Handler, RequestContext
+from proxy.http.context import RequestContext
 from proxy.http.response import StreamResponse
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -119,51 +122,50 @@ def new_span_id() -> str:
     return f"{random.getrandbits(64) or 1:016x}"
 
 
-def stage(next_handler: Handler, sample: Callable[[str], bool] | None = None) -> Handler:
-    """`sample` (set when spans are exported) decides the sampled flag of traces that start
-    here; a continued trace keeps its parent's decision."""
-
-    async def handle(ctx: RequestContext) -> StreamResponse:
-        headers = ctx.request.headers
-        replaced: list[str] = []
-        raw_parents = headers.getall("traceparent", ())
-        raw_id = headers.get("X-Trace-Id")
-        # Two traceparent fields cannot both be the parent: the trace restarts (W3C).
-        parent = parse_traceparent(raw_parents[0]) if len(raw_parents) == 1 else None
-        if parent is not None:
-            ctx.trace_id, ctx.parent_span_id, flags = parent
-            ctx.trace_flags = propagated_flags(flags)
-            if raw_id is not None and parse_trace_id(raw_id) != ctx.trace_id:
-                replaced.append("x-trace-id")
-            states = headers.getall("tracestate", ())
-            if states:
-                ctx.tracestate = parse_tracestate(states)
-                if ctx.tracestate is None:
-                    replaced.append("tracestate")
-        else:
-            if raw_parents:
-                replaced.append("traceparent")
-            if "tracestate" in headers:
+def begin(ctx: RequestContext, sample: Callable[[str], bool] | None = None) -> None:
+    """Set the context's trace fields and the trace headers for the upstream. `sample` (set
+    when spans are exported) decides the sampled flag of traces that start here; a continued
+    trace keeps its parent's decision."""
+    headers = ctx.request.headers
+    replaced: list[str] = []
+    raw_parents = headers.getall("traceparent", ())
+    raw_id = headers.get("X-Trace-Id")
+    # Two traceparent fields cannot both be the parent: the trace restarts (W3C).
+    parent = parse_traceparent(raw_parents[0]) if len(raw_parents) == 1 else None
+    if parent is not None:
+        ctx.trace_id, ctx.parent_span_id, flags = parent
+        ctx.trace_flags = propagated_flags(flags)
+        if raw_id is not None and parse_trace_id(raw_id) != ctx.trace_id:
+            replaced.append("x-trace-id")
+        states = headers.getall("tracestate", ())
+        if states:
+            ctx.tracestate = parse_tracestate(states)
+            if ctx.tracestate is None:
                 replaced.append("tracestate")
-            trace_id = parse_trace_id(raw_id)
-            if trace_id is None:
-                if raw_id is not None:
-                    replaced.append("x-trace-id")
-                trace_id = new_trace_id()
-            ctx.trace_id = trace_id
-            if sample is not None:
-                ctx.trace_flags = "01" if sample(trace_id) else "00"
-        if replaced:
-            ctx.trace_replaced = replaced
-        ctx.span_id = new_span_id()
-        outgoing = ctx.upstream_headers
-        outgoing.append(("X-Trace-Id", ctx.trace_id))
-        outgoing.append(("traceparent", f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"))
-        if ctx.tracestate is not None:
-            outgoing.append(("tracestate", ctx.tracestate))
-        response = await next_handler(ctx)
-        if not response.prepared:
-            response.headers["X-Trace-Id"] = ctx.trace_id
-        return response
+    else:
+        if raw_parents:
+            replaced.append("traceparent")
+        if "tracestate" in headers:
+            replaced.append("tracestate")
+        trace_id = parse_trace_id(raw_id)
+        if trace_id is None:
+            if raw_id is not None:
+                replaced.append("x-trace-id")
+            trace_id = new_trace_id()
+        ctx.trace_id = trace_id
+        if sample is not None:
+            ctx.trace_flags = "01" if sample(trace_id) else "00"
+    if replaced:
+        ctx.trace_replaced = replaced
+    ctx.span_id = new_span_id()
+    outgoing = ctx.upstream_headers
+    outgoing.append(("X-Trace-Id", ctx.trace_id))
+    outgoing.append(("traceparent", f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"))
+    if ctx.tracestate is not None:
+        outgoing.append(("tracestate", ctx.tracestate))
 
-    return handle
+
+def finish(ctx: RequestContext, response: StreamResponse) -> None:
+    """Every response not yet sent carries the trace id."""
+    if not response.prepared:
+        response.headers["X-Trace-Id"] = ctx.trace_id

@@ -20,10 +20,10 @@ from proxy.http.headers import (
     SERVER,
     TRACE_CONTEXT,
     UNTRUSTED_FORWARDING,
+    ForwardingRules,
     Networks,
     downstream_response_headers,
     response_head_problem,
-    upstream_request_headers,
 )
 from proxy.http.problem import problem, retry_after
 from proxy.http.request import Request
@@ -55,22 +55,17 @@ def handler(
     """`send` is `upstream.send` wrapped by the route's retry policy (see proxy.upstream.retry);
     `untrusted` names the headers removed unless the peer is a trusted proxy."""
 
+    rules = ForwardingRules(trusted, _NOT_FORWARDED, untrusted)  # once per route, not per request
+    preserve_host = upstream.config.host is UpstreamHost.PRESERVE
+
     async def forward(ctx: RequestContext) -> StreamResponse:
         request = ctx.request
         ctx.upstream_name = upstream.name
-        headers = upstream_request_headers(
-            request.headers.items(),
-            peer=request.remote or "",
-            host=request.headers.get("Host"),
-            trusted=trusted,
-            drop=_NOT_FORWARDED,
-            untrusted=untrusted,
-        )
+        host = request.headers.get("Host")
+        headers = rules.apply(request.headers.items(), peer=request.remote, host=host)
         headers.extend(ctx.upstream_headers)
-        if upstream.config.host is UpstreamHost.PRESERVE:
-            host = request.headers.get("Host")
-            if host:
-                headers.append(("Host", host))  # the transport sends it instead of its own
+        if preserve_host and host:
+            headers.append(("Host", host))  # the transport sends it instead of its own
         payload: Payload = None
         if ctx.body is not None:
             payload = ctx.body

@@ -94,10 +94,9 @@ class Runtime:
             )
             for r in config.routes
         )
-        self.entry: Handler = tracing.stage(
-            self.access_log.stage(self._dispatch),
-            self.spans.sample if self.spans is not None else None,
-        )
+        # Tracing is a phase the data plane runs around this (it never waits).
+        self.sample = self.spans.sample if self.spans is not None else None
+        self.entry: Handler = self.access_log.stage(self._dispatch)
 
     def _route_handler(self, route: Route) -> Handler:
         config = self.config
@@ -285,8 +284,10 @@ class DataPlane:
         self._live[key] = ctx
         self.inflight.enter()
         runtime.inflight.enter()
+        tracing.begin(ctx, runtime.sample)
         try:
             response = await runtime.entry(ctx)
+            tracing.finish(ctx, response)
         finally:
             runtime.inflight.leave()
             self.inflight.leave()
