@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint docs bench clean
+.PHONY: run test test-fast lint docs bench bench-curves clean
 
 $(BIN)/idemproxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ docs: $(BIN)/idemproxy
 
 bench: $(BIN)/idemproxy
 	$(BIN)/python -m bench
+
+# How cost grows with idle client connections and with routes (docs/performance.md).
+bench-curves: $(BIN)/idemproxy
+	$(BIN)/python -m bench --curves idle,routes
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 Every mode gets a closed-loop throughput run (wrk -t1 -cN) and a paced latency run at about
 1,000 req/s; modes are interleaved round by round and each figure is the median over rounds.
 The server under test is pinned to CPU 0; upstream, Redis and wrk share CPU 1.
+`--curves idle,routes` runs the cost curves instead (bench/idle_curve.py, bench/routes_curve.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from bench import idle_curve, routes_curve
 from bench.harness import (
     Lab,
     Load,
@@ -53,6 +56,22 @@ class Mode:
     @property
     def replay(self) -> bool:
         return self.key == "fixed"
+
+
+# Cost curves: each one's `main(argv)`, with the argv of a full run and of a `--quick` smoke run.
+CURVES: dict[str, tuple[Callable[[list[str]], int], list[str], list[str]]] = {
+    "idle": (idle_curve.main, [], ["--counts", "0,100", "--runs", "1", "--seconds", "1"]),
+    "routes": (routes_curve.main, ["--proxy"], ["--counts", "1,100"]),
+}
+
+
+def curves(names: str, quick: bool) -> int:
+    for name in names.split(","):
+        run_curve, full, smoke = CURVES[name]
+        print(f"\n## {name}\n", flush=True)
+        if status := run_curve(smoke if quick else full):
+            return status
+    return 0
 
 
 def all_modes() -> list[Mode]:
@@ -291,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         "--soak", type=int, default=0, help="then this many seconds at ~500 req/s: RSS growth"
     )
     parser.add_argument("--modes", default="", help="comma-separated mode names or prefixes")
+    parser.add_argument(
+        "--curves", default="", help=f"run these cost curves instead: {','.join(CURVES)}"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s")
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter for the Python proxies"
@@ -300,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.seconds, args.warmup, args.hold = 1, 1, 0, 50
+    unknown = set(args.curves.split(",")) - CURVES.keys() if args.curves else set()
+    if unknown:
+        parser.error(f"unknown curve: {', '.join(sorted(unknown))}")
     if not shutil.which("wrk"):
         print("bench: wrk is required (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.curves:
+        return curves(args.curves, args.quick)
     report = run(args)
     report["targets"] = evaluate(report)
     table = markdown(report) + "\n" + targets_markdown(report["targets"])

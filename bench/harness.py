@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,8 +329,10 @@ def measure(service: Service, load: Load, client_cpu: int | None) -> dict[str, A
     }
 
 
-def rss_with_connections(service: Service, count: int) -> int:
-    """VmRSS (KiB) of `service` while `count` keep-alive clients each have made one request."""
+@contextlib.contextmanager
+def idle_connections(service: Service, count: int) -> Iterator[list[socket.socket]]:
+    """`count` client connections to `service`, each left idle in keep-alive after one request
+    (the state a browser or an SDK's pool leaves them in), closed on exit."""
     request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
     sockets = []
     try:
@@ -338,7 +341,13 @@ def rss_with_connections(service: Service, count: int) -> int:
             sockets.append(sock)
             sock.sendall(request)
             sock.recv(65536)
-        return service.memory_kib("VmRSS")
+        yield sockets
     finally:
         for sock in sockets:
             sock.close()
+
+
+def rss_with_connections(service: Service, count: int) -> int:
+    """VmRSS (KiB) of `service` while `count` keep-alive clients each have made one request."""
+    with idle_connections(service, count):
+        return service.memory_kib("VmRSS")

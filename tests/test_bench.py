@@ -62,6 +62,26 @@ def test_quick_run_of_two_workers_counts_the_whole_process_tree(tmp_path: Path) 
     assert row["idle_rss_mib"] > 100  # the supervisor and both workers, not one process
 
 
+@pytest.mark.slow
+@runs_wrk
+def test_quick_idle_curve_measures_each_count_with_its_connections_held(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--curves", "idle", "--quick"]) == 0
+
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1")]
+    assert [row.split("|")[1].strip() for row in rows] == ["100"]
+    cells = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    assert cells[1].endswith(" µs") and float(cells[1].split()[0]) > 0  # CPU per request
+    assert cells[-1] == "0"  # errors: no held connection was refused or closed under the load
+
+
+def test_an_unknown_curve_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--curves", "idle,nope"])
+    assert exc.value.code == 2
+
+
 def _row(mode: str, **figures: float | None) -> dict[str, Any]:
     return {"mode": mode, **figures}
 
