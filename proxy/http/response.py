@@ -41,6 +41,15 @@ class _Date:
         return cls.value
 
 
+def _wire(text: str) -> bytes:
+    """Header text as bytes: upstream heads are decoded as latin-1 and go back byte for byte;
+    text from elsewhere (a config value) that latin-1 cannot hold goes as UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
 def reason_for(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -87,11 +96,8 @@ class StreamResponse:
         length = self.content_length
         if not request.keep_alive:
             self.keep_alive = False
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason.encode("latin-1"))]
-        lines.extend(
-            b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
-            for name, value in headers.items()
-        )
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _wire(self.reason))]
+        lines.extend(b"%s: %s\r\n" % (_wire(name), _wire(value)) for name, value in headers.items())
         # The framing follows the stages' headers (as aiohttp wrote them).
         if length is not None:
             if status not in _BODILESS and status >= 200:

@@ -141,12 +141,16 @@ class DataServer:
             return await self.plane(request)
         except Exception as exc:
             trace_id = tracing.new_trace_id()
-            emit("unhandled_error", "error", trace_id=trace_id, error=repr(exc)[:MAX_FIELD],
-                 traceback="".join(traceback.format_exception(exc)))
+            self.failed(exc, trace_id)
             response = problem(ProblemType.INTERNAL_ERROR,
                                "the proxy failed while handling this request", trace_id)
             response.force_close()
             return response
+
+    def failed(self, exc: Exception, trace_id: str | None = None) -> None:
+        """A failure no stage handled (a bug): said in an `unhandled_error` event."""
+        emit("unhandled_error", "error", trace_id=trace_id, error=repr(exc)[:MAX_FIELD],
+             traceback="".join(traceback.format_exception(exc)))
 
     def refused(self, remote: str, refusal: Refusal) -> Response:
         """The answer to input the parser refused, logged and counted like any request."""

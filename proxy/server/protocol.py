@@ -258,6 +258,11 @@ class HttpProtocol(asyncio.Protocol):
                 await response.write_eof()
         except (ConnectionError, OSError):
             response.keep_alive = False
+        except Exception as exc:
+            # Nothing else may leave a connection waiting for an answer that will not come.
+            self.server.failed(exc)
+            self.abort()
+            return
         self.requests += 1
         self._finished(request, response)
 
