@@ -19,7 +19,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
-from enum import Enum
+from enum import Enum, Flag, auto
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -48,10 +48,27 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
+class Pause(Flag):
+    """Why reading from the client is paused; it resumes when no reason is left."""
+
+    BODY = auto()  # a request body waits unread beyond BODY_HIGH_WATER
+    PIPELINE = auto()  # a parsed request waits for the one before it
+    REFUSED = auto()  # the parser refused the input: nothing more is read
+
+
 _VERSIONS = {"1.1": HTTP_11, "1.0": HTTP_10}
 
 
 class HttpProtocol(asyncio.Protocol):
+    # Slotted: an idle connection is this object, its parser, its timer and two empty
+    # containers for the garbage collector to walk (docs/performance.md, idle connections).
+    __slots__ = (
+        "_close_after", "_current", "_deadline", "_drained", "_head_bytes", "_headers",
+        "_parser", "_paused_by", "_queue", "_raw_body", "_reading", "_refusal", "_task",
+        "_timer", "_url", "_write_paused", "limits", "loop", "phase", "remote", "requests",
+        "server", "transport",
+    )
+
     def __init__(self, server: DataServer) -> None:
         self.server = server
         self.loop = server.loop
@@ -74,7 +91,7 @@ class HttpProtocol(asyncio.Protocol):
         # What ends the connection once the current request is answered.
         self._close_after = False
         self._refusal: Response | None = None  # a later pipelined head the parser refused
-        self._paused_by: set[str] = set()
+        self._paused_by = Pause(0)
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._deadline: float | None = None
@@ -210,7 +227,7 @@ class HttpProtocol(asyncio.Protocol):
         chunked = "Transfer-Encoding" in request.headers
         if chunked or request.content_length:
             request.content = Body(BODY_HIGH_WATER)
-            request.content.on_drained = lambda: self._resume("body")
+            request.content.on_drained = lambda: self._resume(Pause.BODY)
             if parser.should_upgrade() and not chunked:
                 # llhttp hands an upgrade request's body back as the upgraded protocol's bytes;
                 # no upgrade is served, so the Content-Length frames it as any other body.
@@ -224,12 +241,12 @@ class HttpProtocol(asyncio.Protocol):
             self._start(request)
         else:
             self._queue.append(request)
-            self._pause("pipeline")  # one waiting request at most: the rest stays in the socket
+            self._pause(Pause.PIPELINE)  # one waiting request at most: the rest stays in the socket
 
     def on_body(self, body: bytes) -> None:
         request = self._reading
         if request is not None and request.content is not None and request.content.feed(body):
-            self._pause("body")
+            self._pause(Pause.BODY)
 
     def on_message_complete(self) -> None:
         request = self._reading
@@ -281,7 +298,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._queue:
             self._start(self._queue.popleft())
-            self._resume("pipeline")
+            self._resume(Pause.PIPELINE)
             return
         if self._refusal is not None:
             self._send_refusal(self._refusal)
@@ -289,7 +306,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._reading is None:
             self.phase = Phase.IDLE if not self._head_bytes else Phase.HEAD
             self._set_deadline(self.loop.time() + self.server.header_timeout)
-        self._resume("pipeline")
+        self._resume(Pause.PIPELINE)
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stopped at an upgrade request (or CONNECT): none is served, so a fresh parser
@@ -309,7 +326,7 @@ class HttpProtocol(asyncio.Protocol):
         self._raw_body -= len(take)
         if request is not None and request.content is not None and take \
                 and request.content.feed(take):
-            self._pause("body")
+            self._pause(Pause.BODY)
         if not self._raw_body:
             self.on_message_complete_raw()
         return data[len(take):]
@@ -320,7 +337,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _refuse(self, refusal: Refusal) -> None:
         """The parser refused the input: answer (in turn) and close; nothing after it is read."""
-        self._pause("refused")
+        self._pause(Pause.REFUSED)
         self.phase = Phase.BUSY
         reading = self._reading
         if reading is not None and reading.content is not None:
@@ -369,8 +386,8 @@ class HttpProtocol(asyncio.Protocol):
         if linger and transport.can_write_eof():
             self.phase = Phase.LINGER
             transport.write_eof()  # the answer, then EOF; the client's rest is read and dropped
-            self._resume("body")
-            self._resume("pipeline")
+            self._resume(Pause.BODY)
+            self._resume(Pause.PIPELINE)
             self._set_deadline(self.loop.time() + LINGERING_TIME)
             return
         self.phase = Phase.CLOSED
@@ -409,14 +426,14 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _pause(self, reason: str) -> None:
+    def _pause(self, reason: Pause) -> None:
         if not self._paused_by and self.transport is not None:
             self.transport.pause_reading()
-        self._paused_by.add(reason)
+        self._paused_by |= reason
 
-    def _resume(self, reason: str) -> None:
-        if reason not in self._paused_by:
+    def _resume(self, reason: Pause) -> None:
+        if not self._paused_by & reason:
             return
-        self._paused_by.discard(reason)
+        self._paused_by &= ~reason
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
