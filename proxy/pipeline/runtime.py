@@ -30,7 +30,7 @@ from proxy.observability.spans import SpanSink
 from proxy.pipeline import admission, forward
 from proxy.pipeline.routing import RouteTable, Spec
 from proxy.quota import stage as quota
-from proxy.quota.limiter import Limiter, MemoryLimiter, RedisLimiter
+from proxy.quota.limiter import Limiter, MemoryLimiter
 from proxy.stores import Store, open_store
 from proxy.upstream import retry
 from proxy.upstream.targets import Upstream
@@ -131,11 +131,14 @@ class Runtime:
     def _quota_limiter(self) -> Limiter:
         store = self.config.store
         if self.limiter is None:
-            self.limiter = (
-                MemoryLimiter(store.max_records)
-                if store.kind is StoreKind.MEMORY
-                else RedisLimiter(store.url, store.timeout)
-            )
+            if store.kind is StoreKind.MEMORY:
+                self.limiter = MemoryLimiter(store.max_records)
+            else:
+                # Imported here: redis-py and what it loads are about 20 MiB of RSS that a
+                # memory-store sidecar never needs.
+                from proxy.quota.redis_limiter import RedisLimiter
+
+                self.limiter = RedisLimiter(store.url, store.timeout)
         return self.limiter
 
     def _inherit(self, previous: Runtime) -> None:

@@ -12,8 +12,9 @@ from redis.asyncio.connection import AbstractConnection
 
 from proxy.redis import client as redis_client
 from proxy.redis.scripts import RedisPyRunner
-from proxy.stores import RedisStore, StoreError, StoreTimeout
+from proxy.stores import StoreError, StoreTimeout
 from proxy.stores.base import Lease
+from proxy.stores.redis import RedisStore
 from tests.support.eventually import eventually
 from tests.support.ports import wait_until
 from tests.support.redis_server import RedisServer

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from proxy.config import Store as StoreConfig
-from proxy.stores import MemoryStore, RedisStore, Store, StoreError, open_store
+from proxy.stores import MemoryStore, Store, StoreError, open_store
 from proxy.stores.base import Lease, RecordState, StoredResponse
-from proxy.stores.redis import redis_key
+from proxy.stores.redis import RedisStore, redis_key
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 

@@ -8,7 +8,7 @@ import uuid
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.stores import RedisStore
+from proxy.stores.redis import RedisStore
 from tests.conftest import MakeProxy
 from tests.support.idempotency import assert_problem, idem_config
 from tests.support.redis_topologies import Cluster, Sentinels

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from proxy.observability import events, logsink
-from proxy.quota.limiter import Decision, MemoryLimiter, QuotaStoreError, RedisLimiter
+from proxy.quota.limiter import Decision, MemoryLimiter, QuotaStoreError
+from proxy.quota.redis_limiter import RedisLimiter
 from proxy.quota.stage import storage_key
 from tests.support.lines import Lines
 from tests.support.proxy_process import base_config

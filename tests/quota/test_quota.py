@@ -11,7 +11,8 @@ import pytest
 
 from proxy.config import parse
 from proxy.pipeline.runtime import Runtime
-from proxy.quota.limiter import MemoryLimiter, RedisLimiter, decide
+from proxy.quota.limiter import MemoryLimiter, decide
+from proxy.quota.redis_limiter import RedisLimiter
 from proxy.quota.stage import policy_header, state_header, storage_key
 from tests.support.proxy_process import base_config
 from tests.support.upstream import RecordingUpstream

@@ -9,8 +9,9 @@ from redis.asyncio import BlockingConnectionPool, RedisCluster
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.redis.client import BlockingSentinelConnectionPool, close, connect
-from proxy.stores import RedisStore, StoreError
+from proxy.stores import StoreError
 from proxy.stores.base import Lease
+from proxy.stores.redis import RedisStore
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
