@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint docs bench bench-curves clean
+.PHONY: run test test-fast lint docs bench bench-curves bench-profile clean
 
 $(BIN)/idemproxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ docs: $(BIN)/idemproxy
 
 bench: $(BIN)/idemproxy
 	$(BIN)/python -m bench
+
+# Where a pass-through request's CPU goes, stage by stage (py-spy; the README's budget table).
+bench-profile: $(BIN)/idemproxy
+	$(BIN)/python -m bench.stage_profile
 
 # How cost grows with idle client connections and with routes (docs/performance.md).
 bench-curves: $(BIN)/idemproxy
