@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bench import stage_profile
 from bench.__main__ import all_modes, main
 from bench.targets import TARGETS, Verdict, evaluate, markdown
 
@@ -206,3 +207,24 @@ def test_a_figure_from_a_run_with_failed_requests_is_not_measured() -> None:
     assert judged[5]["verdict"] == Verdict.MISS  # the replay row had no errors
     failing_pass_through = {**PASS_THROUGH_ROW, "errors": 3}
     assert set(_verdicts(_report(failing_pass_through, *redis))) == {Verdict.NOT_MEASURED}
+
+
+def test_stage_profile_charges_each_sample_to_the_deepest_idemproxy_frame() -> None:
+    main_thread = "_run_module_as_main (<frozen runpy>:198);main (proxy/cli.py:131)"
+    raw = "\n".join([
+        f"{main_thread};Runner.run (asyncio/runners.py:118) 50",
+        f"{main_thread};HttpProtocol._handle (proxy/server/protocol.py:249);"
+        "DataPlane.__call__ (proxy/pipeline/runtime.py:289);"
+        "forward (proxy/pipeline/forward.py:87);send (proxy/upstream/h1.py:124) 30",
+        f"{main_thread};HttpProtocol._handle (proxy/server/protocol.py:249);"
+        "StreamResponse.write (proxy/http/response.py:140) 15",
+        f"{main_thread};record (proxy/observability/access_log.py:214);"
+        "iso_time (proxy/observability/events.py:48) 5",
+        "Thread._bootstrap (threading.py:1002);LogSink._run (proxy/observability/logsink.py:108) 99",
+    ])
+    assert stage_profile.attribute(raw) == {
+        stage_profile.LOOP: 50,
+        "upstream client (h1 pool)": 30,
+        "server: llhttp parse, heads, socket writes": 15,
+        "access log and metrics": 5,
+    }  # the log writer thread is off the request's path
