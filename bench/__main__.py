@@ -1,5 +1,9 @@
 """`python -m bench`: direct vs nginx vs a plain aiohttp proxy vs idemproxy, side by side.
 
+`python -m bench --curves NAME [its options]` runs one cost curve instead: `records` (replay
+against the number of records in the memory store, bench/records_curve.py) or `routes` (route
+lookup against the number of routes, bench/routes_curve.py).
+
 Every mode gets a closed-loop throughput run (wrk -t1 -cN) and a paced latency run at about
 1,000 req/s; modes are interleaved round by round and each figure is the median over rounds.
 The server under test is pinned to CPU 0; upstream, Redis and wrk share CPU 1.
@@ -24,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from bench import records_curve, routes_curve
 from bench.harness import (
     Lab,
     Load,
@@ -40,6 +45,7 @@ SUT_CPU, SIDE_CPU = 0, 1
 # `workers: 2` may use every core: on a 2-core machine it shares CPU 1 with upstream and wrk.
 WORKERS_CPUS = (SUT_CPU, SIDE_CPU)
 RESULTS = Path(__file__).with_name("results")
+CURVES = {"records": records_curve.main, "routes": routes_curve.main}
 
 
 @dataclass(frozen=True)
@@ -269,7 +275,14 @@ def summarise(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A curve has options of its own (some named like the comparison's): it takes the rest.
+    curves = argparse.ArgumentParser(add_help=False)
+    curves.add_argument("--curves", choices=sorted(CURVES))
+    chosen, rest = curves.parse_known_args(argv)
+    if chosen.curves:
+        return CURVES[chosen.curves](rest)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--curves", choices=sorted(CURVES), help="run one cost curve instead")
     parser.add_argument("--runs", type=int, default=3, help="rounds; figures are medians")
     parser.add_argument("--seconds", type=int, default=4, help="duration of each wrk run")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up seconds in round 1")
