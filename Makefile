@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint docs bench clean
+.PHONY: run test test-fast lint docs bench bench-curves clean
 
 $(BIN)/idemproxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ docs: $(BIN)/idemproxy
 
 bench: $(BIN)/idemproxy
 	$(BIN)/python -m bench
+
+# Cost against the amount of work: memory-store records (0, 100k, 1M), then routes.
+bench-curves: $(BIN)/idemproxy
+	$(BIN)/python -m bench --curves records
+	$(BIN)/python -m bench --curves routes --proxy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
