@@ -186,3 +186,12 @@ def test_a_figure_from_a_run_with_failed_requests_is_not_measured() -> None:
     assert judged[5]["verdict"] == Verdict.MISS  # the replay row had no errors
     failing_pass_through = {**PASS_THROUGH_ROW, "errors": 3}
     assert set(_verdicts(_report(failing_pass_through, *redis))) == {Verdict.NOT_MEASURED}
+
+
+def test_records_curve_in_process_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--curves` reaches the records curve with its own options; the in-process mode needs no
+    wrk. Its figures are printed, not judged here."""
+    assert main(["--curves", "records", "--in-process", "--sizes", "0,2000"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["0", "2,000"]
+    assert rows[2].count(" B ") == 2  # RSS per record and the part beyond headers and body
