@@ -25,7 +25,7 @@ from proxy.stores.base import Record, RecordState, StoredResponse
 # lengths of the token, the fingerprint and the stored headers. Little-endian, no padding.
 _HEAD = struct.Struct("<BBHdddIHHI")
 _EXPIRES = struct.Struct("<d")
-_EXPIRES_AT = 20
+_EXPIRES_AT = struct.calcsize("<BBHdd")  # after the state, flags, status, lease and created
 _STATES = (RecordState.IN_FLIGHT, RecordState.COMPLETED, RecordState.INDETERMINATE)
 _CODES = {state: code for code, state in enumerate(_STATES)}
 # flags
