@@ -41,9 +41,10 @@ bench: $(BIN)/idemproxy
 bench-profile: $(BIN)/idemproxy
 	$(BIN)/python -m bench.stage_profile
 
-# How cost grows with idle client connections and with routes (docs/performance.md).
+# Cost against the amount of work: idle connections, memory-store records (0, 100k, 1M: about
+# 20 minutes to fill), routes (docs/performance.md).
 bench-curves: $(BIN)/idemproxy
-	$(BIN)/python -m bench --curves idle,routes
+	$(BIN)/python -m bench --curves idle,records,routes
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,10 @@
 Every mode gets a closed-loop throughput run (wrk -t1 -cN) and a paced latency run at about
 1,000 req/s; modes are interleaved round by round and each figure is the median over rounds.
 The server under test is pinned to CPU 0; upstream, Redis and wrk share CPU 1.
-`--curves idle,routes` runs the cost curves instead (bench/idle_curve.py, bench/routes_curve.py).
+
+`python -m bench --curves NAME[,NAME] [--quick] [the curve's own options]` runs cost curves
+instead: `idle` (idle keep-alive connections, bench/idle_curve.py), `records` (records in the
+memory store, bench/records_curve.py), `routes` (number of routes, bench/routes_curve.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from bench import idle_curve, routes_curve
+from bench import idle_curve, records_curve, routes_curve
 from bench.harness import (
     Lab,
     Load,
@@ -43,6 +46,7 @@ SUT_CPU, SIDE_CPU = 0, 1
 # `workers: 2` may use every core: on a 2-core machine it shares CPU 1 with upstream and wrk.
 WORKERS_CPUS = (SUT_CPU, SIDE_CPU)
 RESULTS = Path(__file__).with_name("results")
+CURVES = {"records": records_curve.main, "routes": routes_curve.main}
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,17 @@ class Mode:
 # Cost curves: each one's `main(argv)`, with the argv of a full run and of a `--quick` smoke run.
 CURVES: dict[str, tuple[Callable[[list[str]], int], list[str], list[str]]] = {
     "idle": (idle_curve.main, [], ["--counts", "0,100", "--runs", "1", "--seconds", "1"]),
+    "records": (records_curve.main, [], ["--in-process", "--sizes", "0,2000"]),
     "routes": (routes_curve.main, ["--proxy"], ["--counts", "1,100"]),
 }
 
 
-def curves(names: str, quick: bool) -> int:
+def curves(names: str, quick: bool, options: list[str]) -> int:
+    """Run each named curve with `options` when given (a curve's own), else its preset."""
     for name in names.split(","):
         run_curve, full, smoke = CURVES[name]
         print(f"\n## {name}\n", flush=True)
-        if status := run_curve(smoke if quick else full):
+        if status := run_curve(options or (smoke if quick else full)):
             return status
     return 0
 
@@ -288,6 +294,16 @@ def summarise(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A curve has options of its own (some named like the comparison's): it takes the rest.
+    chooser = argparse.ArgumentParser(prog="python -m bench", add_help=False)
+    chooser.add_argument("--curves", default="")
+    chooser.add_argument("--quick", action="store_true")
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.curves:
+        unknown = set(chosen.curves.split(",")) - CURVES.keys()
+        if unknown:
+            chooser.error(f"unknown curve: {', '.join(sorted(unknown))}")
+        return curves(chosen.curves, chosen.quick, rest)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="rounds; figures are medians")
     parser.add_argument("--seconds", type=int, default=4, help="duration of each wrk run")
@@ -322,14 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.seconds, args.warmup, args.hold = 1, 1, 0, 50
-    unknown = set(args.curves.split(",")) - CURVES.keys() if args.curves else set()
-    if unknown:
-        parser.error(f"unknown curve: {', '.join(sorted(unknown))}")
     if not shutil.which("wrk"):
         print("bench: wrk is required (apt-get install wrk)", file=sys.stderr)
         return 2
-    if args.curves:
-        return curves(args.curves, args.quick)
     report = run(args)
     report["targets"] = evaluate(report)
     table = markdown(report) + "\n" + targets_markdown(report["targets"])

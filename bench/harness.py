@@ -177,8 +177,9 @@ http {{
         )
         return self.start(name, ["nginx", "-p", str(root), "-c", str(conf)], port, cpu)
 
-    def upstream(self, cpu: int) -> Service:
-        """nginx `return 200` with a small JSON body, else the shipped Python upstream."""
+    def upstream(self, cpu: int, body: str = UPSTREAM_BODY) -> Service:
+        """nginx `return 200` with a small JSON body (or `body`), else the shipped Python
+        upstream."""
         port = free_port()
         if shutil.which("nginx"):
             return self._nginx(
@@ -187,13 +188,13 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
             default_type application/json;
-            return 200 '{UPSTREAM_BODY}';
+            return 200 '{body}';
         }}
     }}""",
                 port,
                 cpu,
             )
-        argv = [sys.executable, "-m", "bench.upstream", str(port)]
+        argv = [sys.executable, "-m", "bench.upstream", str(port), body]
         return self.start("upstream", argv, port, cpu)
 
     def nginx_proxy(self, upstream: Service, cpu: int) -> Service:

@@ -1,6 +1,6 @@
 """Fallback upstream when nginx is not installed: every request gets 200 and a small JSON body.
 
-Run: python -m bench.upstream PORT
+Run: python -m bench.upstream PORT [BODY]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import cast
 import httptools
 import uvloop
 
-BODY = b'{"ok":true,"service":"bench"}'
+BODY = (sys.argv[2] if len(sys.argv) > 2 else '{"ok":true,"service":"bench"}').encode()
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
     + str(len(BODY)).encode()

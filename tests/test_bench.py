@@ -228,3 +228,12 @@ def test_stage_profile_charges_each_sample_to_the_deepest_idemproxy_frame() -> N
         "server: llhttp parse, heads, socket writes": 15,
         "access log and metrics": 5,
     }  # the log writer thread is off the request's path
+
+
+def test_records_curve_in_process_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--curves` reaches the records curve with its own options; the in-process mode needs no
+    wrk. Its figures are printed, not judged here."""
+    assert main(["--curves", "records", "--in-process", "--sizes", "0,2000"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["0", "2,000"]
+    assert rows[2].count(" B ") == 2  # RSS per record and the part beyond headers and body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from pathlib import Path
@@ -110,6 +111,13 @@ async def serve(
                 detail="logging.hash_salt is empty: user.hash and idempotency.key_hash use a "
                 "random per-process salt and cannot be correlated across replicas or restarts",
             )
+        # What start-up built (modules, config, runtime: ~70,000 objects) lives as long as the
+        # process. Frozen, the full collections that traffic triggers every few seconds skip
+        # it: ~1 ms of CPU each instead of ~50 ms (docs/performance.md, "Garbage collection").
+        # The one cost: after a config reload, whatever cyclic garbage the first runtime leaves
+        # is never collected (once, bounded; later runtimes are not frozen).
+        gc.collect()
+        gc.freeze()
         emit(
             "started",
             hash=config_hash(config),

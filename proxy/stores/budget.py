@@ -3,11 +3,12 @@
 Costs are estimates of the Python heap the store holds, calibrated with tracemalloc against
 MemoryStore itself (tests/idempotency/test_budget.py re-measures them on every run):
 
-- a claim reserves `CLAIM_BYTES`: the in-flight record (its entry, the 40-character key, the
-  owner token and the fingerprint, its share of the record dict and of the expiry heap) plus a
-  completed response that holds no bytes. Completing a claim as `not replayable` therefore never
-  needs more memory, so a request that ran can always be recorded as having run.
-- a response kept for replay adds its body and headers (`response_bytes`).
+- a claim reserves `CLAIM_BYTES`: the record (its key, the owner token and the fingerprint,
+  its share of the record dict and of the expiry schedule) with or without a response that
+  holds no bytes. Completing a claim as `not replayable` therefore never needs more memory, so
+  a request that ran can always be recorded as having run.
+- a response kept for replay adds its body and its stored headers, one for one: both are
+  copied into the record's single bytes object (proxy/stores/packed.py).
 
 Policy at the limit, so that one caller cannot lock the others out:
 
@@ -23,18 +24,14 @@ A response that is not kept leaves its record `completed, not replayable`: a ret
 from __future__ import annotations
 
 from proxy.observability.events import emit
-from proxy.stores.base import StoredResponse
 
-# Measured (tracemalloc, CPython 3.11, 64-bit): an in-flight record ~520 bytes depending on how
-# full the record dict is (with its lease deadline, creation time and holder, record schema 2);
-# completing it with an empty response adds ~150 bytes.
-CLAIM_BYTES = 704
-# Per stored header: the (name, value) tuple, two str objects and the slot in the headers tuple
-# (measured ~166 bytes + the characters); plus the headers tuple itself.
-HEADER_BYTES = 170
-HEADERS_TUPLE_BYTES = 56
-# bytes object header; the body's own bytes are counted one for one.
-BODY_OBJECT_BYTES = 33
+# Measured against MemoryStore itself (tests/idempotency/test_budget.py re-measures it): a record
+# with the stage's 40-hex-digit key, 32-hex-digit owner token and 40-hex-digit fingerprint
+# costs its key string (89 bytes), its share of the record dict (28-60 bytes as the dict fills
+# and grows), its packed bytes without a response (33 + 40 + 16 + 20, see
+# proxy/stores/packed.py) and its slot in the expiry schedule (8 bytes). Rounded up to cover
+# the allocator's rounding too, so that RSS per record stays under it.
+CLAIM_BYTES = 300
 SMALL_RESPONSE = 4096
 BULK_SHARE = 0.75
 # `store_memory_high` once the store crosses HIGH_WATER (only claims and small responses get
@@ -43,18 +40,6 @@ BULK_SHARE = 0.75
 # Large responses that are not kept are counted, not logged (idemproxy_store_memory_refusals).
 HIGH_WATER = 0.9
 LOW_WATER = 0.8
-
-
-def response_bytes(response: StoredResponse | None) -> int:
-    """What a stored response adds to its record's CLAIM_BYTES."""
-    if response is None or not response.replayable:
-        return 0
-    cost = len(response.body) + BODY_OBJECT_BYTES if response.body else 0
-    if response.headers:
-        cost += HEADERS_TUPLE_BYTES
-        for name, value in response.headers:
-            cost += HEADER_BYTES + len(name) + len(value)
-    return cost
 
 
 class ByteBudget:
@@ -80,22 +65,22 @@ class ByteBudget:
     def refuse_claim(self) -> None:
         self.refused_claims += 1
 
-    def keep(self, response: StoredResponse) -> StoredResponse:
-        """The response to store for a completed claim: as given when the policy lets it fit,
-        else the same status without headers and body, `not replayable`."""
-        cost = response_bytes(response)
+    def keep(self, cost: int) -> bool:
+        """Whether a response of `cost` bytes (its stored headers and body) may be kept for
+        replay; its bytes are spent when it may. When not, the record keeps its status alone,
+        `not replayable`."""
         if cost:
             cap = self.limit if cost <= SMALL_RESPONSE else int(self.limit * BULK_SHARE)
             if self.used + cost > cap:
                 self.unkept_responses += 1
-                return StoredResponse(response.status, (), b"", replayable=False)
+                return False
             self.used += cost
             self._watch()
-        return response
+        return True
 
-    def free(self, response: StoredResponse | None) -> None:
-        """Return a removed record's bytes (its claim and the response it holds)."""
-        self.used -= CLAIM_BYTES + response_bytes(response)
+    def free(self, kept: int) -> None:
+        """Return a removed record's bytes: its claim and the `kept` bytes of its response."""
+        self.used -= CLAIM_BYTES + kept
         self._watch()
 
     def clear(self) -> None:

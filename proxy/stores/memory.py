@@ -7,35 +7,24 @@ full) rather than evicting a record, and a response that does not fit the byte b
 recorded as not replayable. Leases run on the monotonic clock. The records live and die with
 the process: after a restart every key is unknown again and its retry executes (see
 docs/guarantees.md).
+
+Each record is one bytes object (proxy/stores/packed.py) in a dict that therefore holds no
+object the garbage collector tracks, and expiries are scheduled in untracked tuples
+(proxy/stores/expiry.py): a million records add nothing to a collection's pause.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
 
 from proxy.config import DEFAULT_STORE_MAX_BYTES
+from proxy.stores import packed
 from proxy.stores.base import Lease, Record, RecordState, StoredResponse, StoreError
 from proxy.stores.budget import ByteBudget
+from proxy.stores.expiry import Expiries
 
 SWEEP_INTERVAL = 1.0
-
-
-class _Entry:
-    __slots__ = (
-        "created", "expires", "fingerprint", "holder", "lease_until", "response", "state", "token"
-    )
-
-    def __init__(self, token: str, fingerprint: str, lease: Lease, now: float) -> None:
-        self.state = RecordState.IN_FLIGHT
-        self.token = token
-        self.fingerprint = fingerprint
-        self.lease_until = now + lease.seconds
-        self.holder = lease.holder
-        self.created = time.time()
-        self.expires = 0.0
-        self.response: StoredResponse | None = None
 
 
 class MemoryStore:
@@ -48,129 +37,147 @@ class MemoryStore:
         self.max_records = max_records
         self.budget = ByteBudget(max_bytes)
         self._sweep_interval = sweep_interval
-        self._entries: dict[str, _Entry] = {}
-        self._expiries: list[tuple[float, str]] = []  # heap; stale items are skipped
+        self._records: dict[str, bytes] = {}
+        self._expiries = Expiries(time.monotonic())
+        # Who claimed, once per distinct holder (host and pid: one per process) rather than
+        # once per record; a record keeps the index.
+        self._holders: list[str] = []
+        self._holder_index: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._records)
 
-    def _live(self, key: str, now: float) -> _Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires <= now:
-            del self._entries[key]
-            self.budget.free(entry.response)
+    def _live(self, key: str, now: float) -> bytes | None:
+        blob = self._records.get(key)
+        if blob is not None and packed.expires(blob) <= now:
+            self._remove(key, blob)
             return None
-        return entry
+        return blob
 
-    def _expire_at(self, key: str, entry: _Entry, when: float) -> None:
-        entry.expires = when
-        heapq.heappush(self._expiries, (when, key))
+    def _remove(self, key: str, blob: bytes) -> None:
+        del self._records[key]
+        self.budget.free(packed.payload(blob))
 
     def sweep(self, now: float | None = None) -> None:
         """Drop every record whose time is up."""
         now = time.monotonic() if now is None else now
-        heap = self._expiries
-        while heap and heap[0][0] <= now:
-            when, key = heapq.heappop(heap)
-            entry = self._entries.get(key)
-            if entry is not None and entry.expires == when:
-                del self._entries[key]
-                self.budget.free(entry.response)
+        for key in self._expiries.take(now):
+            blob = self._records.get(key)
+            if blob is None:
+                continue  # removed meanwhile
+            expires = packed.expires(blob)
+            if expires <= now:
+                self._remove(key, blob)
+            else:  # its deadline moved later (completed), or a new record took the key
+                self._expiries.add(key, expires)
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_interval)
             self.sweep()
 
-    def _record(self, entry: _Entry, now: float, expired_now: bool = False) -> Record:
-        return Record(
-            entry.state,
-            entry.token,
-            entry.fingerprint,
-            entry.expires - now,
-            entry.response,
-            max(0.0, entry.lease_until - now),
-            entry.holder,
-            entry.created,
-            expired_now,
-        )
+    def _holder(self, holder: str) -> int:
+        index = self._holder_index.get(holder)
+        if index is None:
+            index = self._holder_index[holder] = len(self._holders)
+            self._holders.append(holder)
+        return index
+
+    def _record(self, blob: bytes, now: float, expired_now: bool = False) -> Record:
+        return packed.record(blob, now, self._holders, expired_now)
 
     async def claim(self, key: str, token: str, fingerprint: str, lease: Lease) -> Record | None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         now = time.monotonic()
-        entry = self._live(key, now)
-        if entry is not None and entry.token != token and entry.lease_until <= now:
-            if not lease.hold and entry.state != RecordState.COMPLETED:
-                entry = None  # release_after_lease: the key is taken over below
-            elif entry.state == RecordState.IN_FLIGHT:
-                entry.state = RecordState.INDETERMINATE  # the holder died: hold the key
-                return self._record(entry, now, expired_now=True)
-        if entry is None:
-            old = self._entries.get(key)  # set when release_after_lease takes a key over
-            if old is None and (
-                len(self._entries) >= self.max_records or not self.budget.claim_fits()
-            ):
-                self.sweep(now)
-                if len(self._entries) >= self.max_records:
-                    raise StoreError(f"memory store is full ({self.max_records} records)")
-                if not self.budget.claim_fits():
-                    self.budget.refuse_claim()
-                    raise StoreError(f"memory store is full ({self.budget.limit} bytes)")
-            if old is not None:
-                self.budget.free(old.response)  # the taken-over record's bytes go back first
-            self.budget.claim()
-            entry = self._entries[key] = _Entry(token, fingerprint, lease, now)
-            self._expire_at(key, entry, now + max(lease.seconds, lease.retention))
-            return None
-        if entry.token == token:
-            return None
-        return self._record(entry, now)
+        blob = self._live(key, now)
+        if blob is not None:
+            found = packed.fields(blob)
+            if found.token == token:
+                return None
+            if found.lease_until > now:
+                return self._record(blob, now)
+            if not lease.hold and found.state != RecordState.COMPLETED:
+                blob = None  # release_after_lease: the key is taken over below
+            elif found.state == RecordState.IN_FLIGHT:  # the holder died: hold the key
+                blob = self._records[key] = packed.with_state(blob, RecordState.INDETERMINATE)
+                return self._record(blob, now, expired_now=True)
+            else:
+                return self._record(blob, now)
+        old = self._records.get(key)  # set when release_after_lease takes a key over
+        if old is None and (len(self._records) >= self.max_records or not self.budget.claim_fits()):
+            self.sweep(now)
+            if len(self._records) >= self.max_records:
+                raise StoreError(f"memory store is full ({self.max_records} records)")
+            if not self.budget.claim_fits():
+                self.budget.refuse_claim()
+                raise StoreError(f"memory store is full ({self.budget.limit} bytes)")
+        if old is not None:
+            self._remove(key, old)  # the taken-over record's bytes go back first
+        self.budget.claim()
+        expires = now + max(lease.seconds, lease.retention)
+        self._records[key] = packed.new(
+            token, fingerprint, now + lease.seconds, self._holder(lease.holder), time.time(),
+            expires,
+        )
+        self._expiries.add(key, expires)
+        return None
 
     async def get(self, key: str) -> Record | None:
         now = time.monotonic()
-        entry = self._live(key, now)
-        return None if entry is None else self._record(entry, now)
+        blob = self._live(key, now)
+        return None if blob is None else self._record(blob, now)
 
-    def _owned(self, key: str, token: str) -> _Entry | None:
-        entry = self._live(key, time.monotonic())
-        return entry if entry is not None and entry.token == token else None
+    def _owned(self, key: str, token: str) -> tuple[bytes, packed.Fields] | None:
+        blob = self._live(key, time.monotonic())
+        if blob is None:
+            return None
+        found = packed.fields(blob)
+        return (blob, found) if found.token == token else None
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
-        entry = self._owned(key, token)
-        if entry is None or entry.state == RecordState.COMPLETED:
-            return entry is not None
-        entry.state = RecordState.COMPLETED
-        entry.response = self.budget.keep(response)
-        self._expire_at(key, entry, time.monotonic() + ttl)
+        owned = self._owned(key, token)
+        if owned is None or owned[1].state == RecordState.COMPLETED:
+            return owned is not None
+        blob, found = owned
+        headers, body, replayable = b"", b"", False
+        if response.replayable:
+            headers = packed.headers_blob(response.headers)
+            if self.budget.keep(len(headers) + len(response.body)):
+                body, replayable = response.body, True
+            else:  # recorded as run, answered 422 on a retry: never executed again
+                headers = b""
+        expires = time.monotonic() + ttl
+        self._records[key] = packed.completed(blob, response.status, headers, body, replayable,
+                                              expires)
+        if expires < found.expires:  # a later deadline is found by the entry already scheduled
+            self._expiries.add(key, expires)
         return True
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
-        entry = self._owned(key, token)
-        if entry is None or entry.state == RecordState.COMPLETED:
+        owned = self._owned(key, token)
+        if owned is None or owned[1].state == RecordState.COMPLETED:
             return False
-        entry.state = RecordState.INDETERMINATE
+        self._records[key] = packed.with_state(owned[0], RecordState.INDETERMINATE)
         return True
 
     async def release(self, key: str, token: str) -> bool:
-        entry = self._owned(key, token)
-        if entry is None or entry.state != RecordState.IN_FLIGHT:
+        owned = self._owned(key, token)
+        if owned is None or owned[1].state != RecordState.IN_FLIGHT:
             return False
-        del self._entries[key]
-        self.budget.free(None)
+        self._remove(key, owned[0])
         return True
 
     async def discard(self, key: str) -> tuple[Record | None, bool]:
         now = time.monotonic()
-        entry = self._live(key, now)
-        if entry is None:
+        blob = self._live(key, now)
+        if blob is None:
             return None, False
-        record = self._record(entry, now)
-        if entry.state == RecordState.IN_FLIGHT and entry.lease_until > now:
+        record = self._record(blob, now)
+        if record.state == RecordState.IN_FLIGHT and record.lease_remaining > 0:
             return record, False
-        del self._entries[key]
-        self.budget.free(entry.response)
+        self._remove(key, blob)
         return record, True
 
     async def ping(self) -> float:
@@ -183,6 +190,6 @@ class MemoryStore:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self._entries.clear()
+        self._records.clear()
         self._expiries.clear()
         self.budget.clear()

@@ -126,7 +126,8 @@ async def test_one_caller_with_large_responses_cannot_lock_out_small_ones(
     """A flood of large responses fills at most BULK_SHARE of the store; then they are recorded
     as run but not replayable, while other callers' claims and small responses still fit."""
     flood = await fill(store, 40, 60_000)  # 2.3 MiB offered to a 1 MiB store
-    assert store.budget.used <= store.budget.limit * BULK_SHARE
+    # The kept responses stay under the share; the claims' own bytes may come on top.
+    assert store.budget.used - len(flood) * CLAIM_BYTES <= store.budget.limit * BULK_SHARE
     records = [await store.get(key) for key in flood]
     kept = [r for r in records if r is not None and r.response and r.response.replayable]
     unkept = [r for r in records if r is not None and r.response and not r.response.replayable]
