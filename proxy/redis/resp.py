@@ -4,10 +4,11 @@ redis-py's asyncio client spends about 60 µs of CPU per command here (pool chec
 `asyncio.timeout` and a `Condition`, the retry wrapper, observability hooks, the stream reader);
 this one spends about 10. Each connection is an `asyncio.Protocol` with the hiredis reader and
 carries any number of commands at once: replies come back in order, so each one is matched to
-its command by position. A caller that gives up (its deadline passed) leaves its slot in the
-queue; the late reply is read and dropped, never handed to the next command. The connection
-is closed all the same, as redis-py does, so a stalled server is reconnected to rather than
-queued behind.
+its command by position. Commands sent in one pass of the event loop leave in one write (under
+load, one system call carries the claims of many requests). A caller that gives up (its
+deadline passed) leaves its slot in the queue; the late reply is read and dropped, never handed
+to the next command. The connection is closed all the same, as redis-py does, so a stalled
+server is reconnected to rather than queued behind.
 
 Deadlines belong to the caller (the store budget wraps every operation); connecting has its
 own bound. A command that meets a broken connection is sent once more on a fresh one: the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -33,18 +35,33 @@ class RespConnectionError(Exception):
     """The connection could not be made, or broke before the reply arrived."""
 
 
-def pack(args: tuple[Arg, ...]) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            data = arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+def _bulk(arg: Arg) -> bytes:
+    if isinstance(arg, str):
+        data = arg.encode()
+    elif isinstance(arg, int):
+        data = b"%d" % arg
+    else:
+        data = arg
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+class Lead:
+    """The first arguments of a command sent many times with the same start (`EVALSHA <sha> 1`),
+    packed once: each send then packs only the arguments that change."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, *args: Arg) -> None:
+        self.count = len(args)
+        self.data = b"".join(map(_bulk, args))
+
+
+NO_LEAD = Lead()
+
+
+def pack(args: Sequence[Arg], lead: Lead = NO_LEAD) -> bytes:
+    """One command (`lead` then `args`) as a RESP array of bulk strings."""
+    return b"".join((b"*%d\r\n" % (lead.count + len(args)), lead.data, *map(_bulk, args)))
 
 
 class _Connection(asyncio.Protocol):
@@ -53,6 +70,9 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._pending: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
+        # Commands sent during one pass of the event loop, written together at its end: one
+        # write system call for all the requests that reached Redis in that pass.
+        self._out: list[bytes] = []
         self.closed = False
         self.answered = False  # at least one reply came: a later break is not a refusal
 
@@ -82,11 +102,18 @@ class _Connection(asyncio.Protocol):
         self._fail_pending(f"connection lost: {exc or 'closed by the server'}")
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        assert self._transport is not None
         waiter = self._loop.create_future()
         self._pending.append(waiter)
-        self._transport.write(command)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(command)
         return waiter
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if not self.closed:  # else every waiter has failed already
+            assert self._transport is not None
+            self._transport.write(b"".join(out))
 
     async def call(self, command: bytes) -> Any:
         waiter = self.send(command)
@@ -143,7 +170,10 @@ class RespClient:
         self._next = 0
 
     async def execute(self, *args: Arg) -> Any:
-        command = pack(args)
+        return await self.call(pack(args))
+
+    async def call(self, command: bytes) -> Any:
+        """A command packed by `pack`."""
         connection = await self._connection()
         try:
             return await connection.call(command)

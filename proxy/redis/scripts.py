@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from proxy.config.store_url import StoreKind, parse_url
 from proxy.redis import client as redis_client
-from proxy.redis.resp import Arg, RespClient, RespConnectionError, RespError
+from proxy.redis.resp import Arg, Lead, RespClient, RespConnectionError, RespError, pack
 
 # What the Redis clients raise when the store, not the proxy, fails: RESP error replies and
 # broken connections, redis-py's errors (RedisClusterException is not a RedisError: an
@@ -32,9 +32,12 @@ STORE_FAILURES = (RespError, RespConnectionError, RedisError, RedisClusterExcept
 class Script:
     source: str
     sha: str = field(init=False)
+    evalsha: Lead = field(init=False)  # `EVALSHA <sha> 1`: the same for every call
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        sha = hashlib.sha1(self.source.encode()).hexdigest()
+        object.__setattr__(self, "sha", sha)
+        object.__setattr__(self, "evalsha", Lead("EVALSHA", sha, 1))
 
 
 class ScriptRunner(Protocol):
@@ -77,7 +80,7 @@ class RespRunner:
 
     async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
         try:
-            return await self.client.execute("EVALSHA", script.sha, 1, key, *args)
+            return await self.client.call(pack((key, *args), script.evalsha))
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.redis.resp import RespClient, RespConnectionError, RespError, pack
+from proxy.redis.resp import Lead, RespClient, RespConnectionError, RespError, pack
 from tests.support.faults import refusing_url, unanswered_url
 from tests.support.redis_server import RedisServer
 
@@ -15,6 +15,7 @@ from tests.support.redis_server import RedisServer
 def test_pack_is_a_resp_array_of_bulk_strings() -> None:
     assert pack(("SET", b"k\r\n", 42)) == b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n42\r\n"
     assert pack(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
+    assert pack((b"k\r\n", 42), Lead("SET")) == pack(("SET", b"k\r\n", 42))
 
 
 @pytest.fixture
