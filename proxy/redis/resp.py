@@ -10,14 +10,18 @@ deadline passed) leaves its slot in the queue; the late reply is read and droppe
 to the next command. The connection is closed all the same, as redis-py does, so a stalled
 server is reconnected to rather than queued behind.
 
-Deadlines belong to the caller (the store budget wraps every operation); connecting has its
-own bound. A command that meets a broken connection is sent once more on a fresh one: the
-store's scripts are safe to repeat for their owner.
+Deadlines belong to the caller (the store passes its budget's end with each command);
+connecting has its own bound. A connection does not arm a timer per command (an
+`asyncio.timeout` per command cost more than the rest of the client): one watchdog timer at the
+earliest pending deadline, re-armed when it fires, fails the overdue commands and gives the
+connection up, as a caller that gives up does. A command that meets a broken connection is
+sent once more on a fresh one: the store's scripts are safe to repeat for their owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +73,8 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._reader = hiredis.Reader()
         self._pending: deque[asyncio.Future[Any]] = deque()
+        self._deadlines: deque[float] = deque()  # of the pending commands, in the same order
+        self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         # Commands sent during one pass of the event loop, written together at its end: one
         # write system call for all the requests that reached Redis in that pass.
@@ -87,6 +93,7 @@ class _Connection(asyncio.Protocol):
                 if not self._pending:
                     raise hiredis.ProtocolError("a reply nobody asked for")
                 waiter = self._pending.popleft()
+                self._deadlines.popleft()
                 self.answered = True
                 if waiter.done():  # its caller gave up: the reply is dropped here
                     continue
@@ -101,9 +108,12 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._fail_pending(f"connection lost: {exc or 'closed by the server'}")
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, deadline: float = math.inf) -> asyncio.Future[Any]:
         waiter = self._loop.create_future()
         self._pending.append(waiter)
+        self._deadlines.append(deadline)
+        if self._watchdog is None and deadline != math.inf:
+            self._watchdog = self._loop.call_at(deadline, self._check)
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(command)
@@ -115,8 +125,23 @@ class _Connection(asyncio.Protocol):
             assert self._transport is not None
             self._transport.write(b"".join(out))
 
-    async def call(self, command: bytes) -> Any:
-        waiter = self.send(command)
+    def _check(self) -> None:
+        """The watchdog: fails the overdue commands (and gives the connection up, as for a
+        caller that gave up), or re-arms at the earliest deadline still pending."""
+        self._watchdog = None
+        now = self._loop.time()
+        earliest = min(self._deadlines, default=math.inf)
+        if earliest > now:
+            if earliest != math.inf:
+                self._watchdog = self._loop.call_at(earliest, self._check)
+            return
+        for waiter, deadline in zip(self._pending, self._deadlines, strict=True):
+            if deadline <= now and not waiter.done():
+                waiter.set_exception(TimeoutError("redis did not answer by the deadline"))
+        self._fail("a command timed out: the server stalled or is too slow")
+
+    async def call(self, command: bytes, deadline: float = math.inf) -> Any:
+        waiter = self.send(command, deadline)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -125,6 +150,9 @@ class _Connection(asyncio.Protocol):
             raise
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self.closed:
             self.closed = True
             if self._transport is not None:
@@ -135,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self._fail_pending(reason)
 
     def _fail_pending(self, reason: str) -> None:
+        self._deadlines.clear()
         while self._pending:
             waiter = self._pending.popleft()
             if not waiter.done():
@@ -172,16 +201,17 @@ class RespClient:
     async def execute(self, *args: Arg) -> Any:
         return await self.call(pack(args))
 
-    async def call(self, command: bytes) -> Any:
-        """A command packed by `pack`."""
-        connection = await self._connection()
+    async def call(self, command: bytes, deadline: float | None = None) -> Any:
+        """A command packed by `pack`, answered by `deadline` (loop time) or TimeoutError."""
+        connection = await self._connection(deadline)
+        end = math.inf if deadline is None else deadline
         try:
-            return await connection.call(command)
+            return await connection.call(command, end)
         except RespConnectionError:
             if not connection.answered:
                 raise
         # The connection had worked and broke (a restarted server): once more on a fresh one.
-        return await (await self._connection()).call(command)
+        return await (await self._connection(deadline)).call(command, end)
 
     async def close(self) -> None:
         slots, self._slots = self._slots, [None] * len(self._slots)
@@ -193,7 +223,7 @@ class RespClient:
             elif not slot.cancelled() and slot.exception() is None:
                 slot.result().close()
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, deadline: float | None = None) -> _Connection:
         index = self._next
         self._next = (index + 1) % len(self._slots)
         slot = self._slots[index]
@@ -204,7 +234,10 @@ class RespClient:
         if slot is None:
             slot = self._slots[index] = asyncio.ensure_future(self._connect())
         # Shielded: a caller that gives up does not cancel the connect others wait for.
-        return await asyncio.shield(slot)
+        if deadline is None:
+            return await asyncio.shield(slot)
+        async with asyncio.timeout_at(deadline):
+            return await asyncio.shield(slot)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ a script by its SHA and load it on NOSCRIPT (a restarted server, a new primary).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,11 @@ class Script:
 
 
 class ScriptRunner(Protocol):
-    async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any: ...
+    async def evaluate(
+        self, script: Script, key: str, args: Sequence[Arg], deadline: float | None = None
+    ) -> Any:
+        """The script's reply; TimeoutError when none came by `deadline` (loop time)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -78,13 +83,15 @@ class RespRunner:
     def __init__(self, client: RespClient) -> None:
         self.client = client
 
-    async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
+    async def evaluate(
+        self, script: Script, key: str, args: Sequence[Arg], deadline: float | None = None
+    ) -> Any:
         try:
-            return await self.client.call(pack((key, *args), script.evalsha))
+            return await self.client.call(pack((key, *args), script.evalsha), deadline)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.client.execute("EVAL", script.source, 1, key, *args)
+        return await self.client.call(pack(("EVAL", script.source, 1, key, *args)), deadline)
 
     async def ping(self) -> None:
         await self.client.execute("PING")
@@ -102,7 +109,15 @@ class RedisPyRunner:
         self.client = client
         self._scripts: dict[str, AsyncScript] = {}
 
-    async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
+    async def evaluate(
+        self, script: Script, key: str, args: Sequence[Arg], deadline: float | None = None
+    ) -> Any:
+        if deadline is None:
+            return await self._evaluate(script, key, args)
+        async with asyncio.timeout_at(deadline):
+            return await self._evaluate(script, key, args)
+
+    async def _evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
         runner = self._scripts.get(script.sha)
         if runner is None:
             runner = self._scripts[script.sha] = self.client.register_script(script.source)

@@ -63,19 +63,30 @@ class RedisStore:
     def from_url(cls, url: str, budget: float) -> RedisStore:
         return cls(runner_for(url, budget), budget)
 
-    async def _run(self, coro: Any, deadline: float | None = None) -> Any:
+    def _failure(self, exc: BaseException) -> StoreError:
+        if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+            return StoreTimeout(f"redis did not answer within {self.budget:g}s")
+        return StoreError(f"redis: {exc or type(exc).__name__}")
+
+    async def _run(self, coro: Any) -> Any:
+        """A call that is not a script (ping, config) within the budget."""
+        try:
+            async with asyncio.timeout(self.budget):
+                return await coro
+        except (RedisTimeoutError, *STORE_FAILURES) as exc:
+            raise self._failure(exc) from exc
+
+    async def _evaluate(
+        self, script: Script, key: str, args: Sequence[Arg] = (), deadline: float | None = None
+    ) -> Any:
+        """A script, answered by `deadline` (default: the budget from now); the runner bounds
+        it (our RESP client without a timer per command)."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self.budget
         try:
-            async with asyncio.timeout_at(deadline):
-                return await coro
-        except (TimeoutError, RedisTimeoutError) as exc:
-            raise StoreTimeout(f"redis did not answer within {self.budget:g}s") from exc
-        except STORE_FAILURES as exc:
-            raise StoreError(f"redis: {exc or type(exc).__name__}") from exc
-
-    def _evaluate(self, script: Script, key: str, args: Sequence[Arg] = ()) -> Any:
-        return self.runner.evaluate(script, redis_key(key), args)
+            return await self.runner.evaluate(script, redis_key(key), args, deadline)
+        except (RedisTimeoutError, *STORE_FAILURES) as exc:
+            raise self._failure(exc) from exc
 
     async def claim(self, key: str, token: str, fingerprint: str, lease: Lease) -> Record | None:
         deadline = asyncio.get_running_loop().time() + self.budget
@@ -88,14 +99,14 @@ class RedisStore:
             lease.holder,
         ]
         try:
-            reply = await self._run(self._evaluate(CLAIM, key, args), deadline)
+            reply = await self._evaluate(CLAIM, key, args, deadline)
         except StoreTimeout:
             raise  # the budget is spent; the caller takes the token back in the background
         except StoreError as exc:
             # The claim may have been applied before the connection failed: read it back
             # within what is left of the same budget.
             try:
-                reply = await self._run(self._evaluate(GET, key), deadline)
+                reply = await self._evaluate(GET, key, (), deadline)
             except StoreError:
                 raise StoreTimeout(f"claim outcome unknown: {exc}") from exc
             if reply == 0:
@@ -105,7 +116,7 @@ class RedisStore:
         return None if reply == 0 else parse_record(reply, flagged(reply))
 
     async def get(self, key: str) -> Record | None:
-        reply = await self._run(self._evaluate(GET, key))
+        reply = await self._evaluate(GET, key)
         return None if reply == 0 else parse_record(reply)
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
@@ -118,17 +129,17 @@ class RedisStore:
             response.body,
             int(response.replayable),
         ]
-        return bool(await self._run(self._evaluate(COMPLETE, key, args)))
+        return bool(await self._evaluate(COMPLETE, key, args))
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
         args: list[Arg] = [token, STATE_CODES[RecordState.INDETERMINATE], 0, 0, b"", b"", 0]
-        return bool(await self._run(self._evaluate(COMPLETE, key, args)))
+        return bool(await self._evaluate(COMPLETE, key, args))
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._run(self._evaluate(RELEASE, key, [token])))
+        return bool(await self._evaluate(RELEASE, key, [token]))
 
     async def discard(self, key: str) -> tuple[Record | None, bool]:
-        reply = await self._run(self._evaluate(DISCARD, key))
+        reply = await self._evaluate(DISCARD, key)
         if reply == 0:
             return None, False
         return parse_record(reply), flagged(reply)
