@@ -106,3 +106,34 @@ async def test_a_server_speaking_garbage_is_cut_off() -> None:
         await resp.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_deadline_fails_the_overdue_commands_and_gives_the_connection_up() -> None:
+    """One watchdog per connection: a short deadline behind a long one still ends on time, and
+    the connection that stalled is not reused."""
+    connections = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # reads and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    resp = RespClient("127.0.0.1", port, connect_timeout=1.0, connections=1)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        late = asyncio.ensure_future(resp.call(pack(("PING",)), started + 5.0))
+        with pytest.raises(TimeoutError):
+            await resp.call(pack(("PING",)), started + 0.2)
+        assert 0.2 <= loop.time() - started < 1.0
+        with pytest.raises(RespConnectionError):  # given up with the stalled connection
+            await late
+        with pytest.raises(TimeoutError):
+            await resp.call(pack(("PING",)), loop.time() + 0.1)
+        assert connections == 2
+    finally:
+        await resp.close()
+        server.close()
+        await server.wait_closed()
