@@ -4,20 +4,26 @@ redis-py's asyncio client spends about 60 µs of CPU per command here (pool chec
 `asyncio.timeout` and a `Condition`, the retry wrapper, observability hooks, the stream reader);
 this one spends about 10. Each connection is an `asyncio.Protocol` with the hiredis reader and
 carries any number of commands at once: replies come back in order, so each one is matched to
-its command by position. A caller that gives up (its deadline passed) leaves its slot in the
-queue; the late reply is read and dropped, never handed to the next command. The connection
-is closed all the same, as redis-py does, so a stalled server is reconnected to rather than
-queued behind.
+its command by position. Commands sent in one pass of the event loop leave in one write (under
+load, one system call carries the claims of many requests). A caller that gives up (its
+deadline passed) leaves its slot in the queue; the late reply is read and dropped, never handed
+to the next command. The connection is closed all the same, as redis-py does, so a stalled
+server is reconnected to rather than queued behind.
 
-Deadlines belong to the caller (the store budget wraps every operation); connecting has its
-own bound. A command that meets a broken connection is sent once more on a fresh one: the
-store's scripts are safe to repeat for their owner.
+Deadlines belong to the caller (the store passes its budget's end with each command);
+connecting has its own bound. A connection does not arm a timer per command (an
+`asyncio.timeout` per command cost more than the rest of the client): one watchdog timer at the
+earliest pending deadline, re-armed when it fires, fails the overdue commands and gives the
+connection up, as a caller that gives up does. A command that meets a broken connection is
+sent once more on a fresh one: the store's scripts are safe to repeat for their owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -33,18 +39,33 @@ class RespConnectionError(Exception):
     """The connection could not be made, or broke before the reply arrived."""
 
 
-def pack(args: tuple[Arg, ...]) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            data = arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+def _bulk(arg: Arg) -> bytes:
+    if isinstance(arg, str):
+        data = arg.encode()
+    elif isinstance(arg, int):
+        data = b"%d" % arg
+    else:
+        data = arg
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+class Lead:
+    """The first arguments of a command sent many times with the same start (`EVALSHA <sha> 1`),
+    packed once: each send then packs only the arguments that change."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, *args: Arg) -> None:
+        self.count = len(args)
+        self.data = b"".join(map(_bulk, args))
+
+
+NO_LEAD = Lead()
+
+
+def pack(args: Sequence[Arg], lead: Lead = NO_LEAD) -> bytes:
+    """One command (`lead` then `args`) as a RESP array of bulk strings."""
+    return b"".join((b"*%d\r\n" % (lead.count + len(args)), lead.data, *map(_bulk, args)))
 
 
 class _Connection(asyncio.Protocol):
@@ -52,7 +73,12 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._reader = hiredis.Reader()
         self._pending: deque[asyncio.Future[Any]] = deque()
+        self._deadlines: deque[float] = deque()  # of the pending commands, in the same order
+        self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
+        # Commands sent during one pass of the event loop, written together at its end: one
+        # write system call for all the requests that reached Redis in that pass.
+        self._out: list[bytes] = []
         self.closed = False
         self.answered = False  # at least one reply came: a later break is not a refusal
 
@@ -67,6 +93,7 @@ class _Connection(asyncio.Protocol):
                 if not self._pending:
                     raise hiredis.ProtocolError("a reply nobody asked for")
                 waiter = self._pending.popleft()
+                self._deadlines.popleft()
                 self.answered = True
                 if waiter.done():  # its caller gave up: the reply is dropped here
                     continue
@@ -81,15 +108,40 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._fail_pending(f"connection lost: {exc or 'closed by the server'}")
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
-        assert self._transport is not None
+    def send(self, command: bytes, deadline: float = math.inf) -> asyncio.Future[Any]:
         waiter = self._loop.create_future()
         self._pending.append(waiter)
-        self._transport.write(command)
+        self._deadlines.append(deadline)
+        if self._watchdog is None and deadline != math.inf:
+            self._watchdog = self._loop.call_at(deadline, self._check)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(command)
         return waiter
 
-    async def call(self, command: bytes) -> Any:
-        waiter = self.send(command)
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if not self.closed:  # else every waiter has failed already
+            assert self._transport is not None
+            self._transport.write(b"".join(out))
+
+    def _check(self) -> None:
+        """The watchdog: fails the overdue commands (and gives the connection up, as for a
+        caller that gave up), or re-arms at the earliest deadline still pending."""
+        self._watchdog = None
+        now = self._loop.time()
+        earliest = min(self._deadlines, default=math.inf)
+        if earliest > now:
+            if earliest != math.inf:
+                self._watchdog = self._loop.call_at(earliest, self._check)
+            return
+        for waiter, deadline in zip(self._pending, self._deadlines, strict=True):
+            if deadline <= now and not waiter.done():
+                waiter.set_exception(TimeoutError("redis did not answer by the deadline"))
+        self._fail("a command timed out: the server stalled or is too slow")
+
+    async def call(self, command: bytes, deadline: float = math.inf) -> Any:
+        waiter = self.send(command, deadline)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -98,6 +150,9 @@ class _Connection(asyncio.Protocol):
             raise
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self.closed:
             self.closed = True
             if self._transport is not None:
@@ -108,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self._fail_pending(reason)
 
     def _fail_pending(self, reason: str) -> None:
+        self._deadlines.clear()
         while self._pending:
             waiter = self._pending.popleft()
             if not waiter.done():
@@ -143,15 +199,19 @@ class RespClient:
         self._next = 0
 
     async def execute(self, *args: Arg) -> Any:
-        command = pack(args)
-        connection = await self._connection()
+        return await self.call(pack(args))
+
+    async def call(self, command: bytes, deadline: float | None = None) -> Any:
+        """A command packed by `pack`, answered by `deadline` (loop time) or TimeoutError."""
+        connection = await self._connection(deadline)
+        end = math.inf if deadline is None else deadline
         try:
-            return await connection.call(command)
+            return await connection.call(command, end)
         except RespConnectionError:
             if not connection.answered:
                 raise
         # The connection had worked and broke (a restarted server): once more on a fresh one.
-        return await (await self._connection()).call(command)
+        return await (await self._connection(deadline)).call(command, end)
 
     async def close(self) -> None:
         slots, self._slots = self._slots, [None] * len(self._slots)
@@ -163,7 +223,7 @@ class RespClient:
             elif not slot.cancelled() and slot.exception() is None:
                 slot.result().close()
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, deadline: float | None = None) -> _Connection:
         index = self._next
         self._next = (index + 1) % len(self._slots)
         slot = self._slots[index]
@@ -174,7 +234,10 @@ class RespClient:
         if slot is None:
             slot = self._slots[index] = asyncio.ensure_future(self._connect())
         # Shielded: a caller that gives up does not cancel the connect others wait for.
-        return await asyncio.shield(slot)
+        if deadline is None:
+            return await asyncio.shield(slot)
+        async with asyncio.timeout_at(deadline):
+            return await asyncio.shield(slot)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

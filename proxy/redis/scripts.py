@@ -8,6 +8,7 @@ a script by its SHA and load it on NOSCRIPT (a restarted server, a new primary).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from proxy.config.store_url import StoreKind, parse_url
 from proxy.redis import client as redis_client
-from proxy.redis.resp import Arg, RespClient, RespConnectionError, RespError
+from proxy.redis.resp import Arg, Lead, RespClient, RespConnectionError, RespError, pack
 
 # What the Redis clients raise when the store, not the proxy, fails: RESP error replies and
 # broken connections, redis-py's errors (RedisClusterException is not a RedisError: an
@@ -32,13 +33,20 @@ STORE_FAILURES = (RespError, RespConnectionError, RedisError, RedisClusterExcept
 class Script:
     source: str
     sha: str = field(init=False)
+    evalsha: Lead = field(init=False)  # `EVALSHA <sha> 1`: the same for every call
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        sha = hashlib.sha1(self.source.encode()).hexdigest()
+        object.__setattr__(self, "sha", sha)
+        object.__setattr__(self, "evalsha", Lead("EVALSHA", sha, 1))
 
 
 class ScriptRunner(Protocol):
-    async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any: ...
+    async def evaluate(
+        self, script: Script, key: str, args: Sequence[Arg], deadline: float | None = None
+    ) -> Any:
+        """The script's reply; TimeoutError when none came by `deadline` (loop time)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -75,13 +83,15 @@ class RespRunner:
     def __init__(self, client: RespClient) -> None:
         self.client = client
 
-    async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
+    async def evaluate(
+        self, script: Script, key: str, args: Sequence[Arg], deadline: float | None = None
+    ) -> Any:
         try:
-            return await self.client.execute("EVALSHA", script.sha, 1, key, *args)
+            return await self.client.call(pack((key, *args), script.evalsha), deadline)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.client.execute("EVAL", script.source, 1, key, *args)
+        return await self.client.call(pack(("EVAL", script.source, 1, key, *args)), deadline)
 
     async def ping(self) -> None:
         await self.client.execute("PING")
@@ -99,7 +109,15 @@ class RedisPyRunner:
         self.client = client
         self._scripts: dict[str, AsyncScript] = {}
 
-    async def evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
+    async def evaluate(
+        self, script: Script, key: str, args: Sequence[Arg], deadline: float | None = None
+    ) -> Any:
+        if deadline is None:
+            return await self._evaluate(script, key, args)
+        async with asyncio.timeout_at(deadline):
+            return await self._evaluate(script, key, args)
+
+    async def _evaluate(self, script: Script, key: str, args: Sequence[Arg]) -> Any:
         runner = self._scripts.get(script.sha)
         if runner is None:
             runner = self._scripts[script.sha] = self.client.register_script(script.source)

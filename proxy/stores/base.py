@@ -17,11 +17,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-# Version 2 added the lease deadline, the holder and the timestamps; version 1 records (no
-# lease deadline: they expire with their lease) are still read.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = frozenset({1, 2})
-
 
 class RecordState(StrEnum):
     IN_FLIGHT = "in_flight"

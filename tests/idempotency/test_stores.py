@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from bench import record_memory
 from proxy.config import Store as StoreConfig
 from proxy.stores import MemoryStore, Store, StoreError, open_store
 from proxy.stores.base import Lease, RecordState, StoredResponse
@@ -193,16 +194,50 @@ async def test_memory_store_is_bounded_and_sweeps() -> None:
 
 
 async def test_redis_record_layout(redis_server: Callable[..., RedisServer]) -> None:
+    """Schema 3: one string, the state in byte 1, the body last; expiry at the retention."""
     redis = redis_server()
     store = RedisStore.from_url(redis.url, 0.5)
     try:
         await store.claim("abc", "owner", "fp", Lease(5, 60))
         key = redis_key("abc")
         assert key == "idem:v1:{abc}"  # the key namespace did not change with the layout
-        assert redis.cli("HGET", key, "v") == "2"
+        assert redis.cli("TYPE", key) == "string"
+        assert redis.cli("GETRANGE", key, "0", "1") == "\x03f"
         assert 59000 < int(redis.cli("PTTL", key)) <= 60000  # the retention, not the lease
-        assert redis.cli("HGET", key, "lease_until").isdigit()
+        assert await store.complete("abc", "owner", RESPONSE, 30)
+        assert redis.cli("GETRANGE", key, "1", "1") == "c"
+        assert redis.cli("GETRANGE", key, "-8", "-1") == '{"id":1}'
+        assert 29000 < int(redis.cli("PTTL", key)) <= 30000
         assert await store.eviction_policy() == "noeviction"
+    finally:
+        await store.close()
+
+
+async def test_redis_reads_version_2_records(redis_server: Callable[..., RedisServer]) -> None:
+    """Hashes written by the previous release: a completed one replays; an in-flight one whose
+    holder died turns indeterminate (still a hash), and an operator can release it."""
+    redis = redis_server()
+    store = RedisStore.from_url(redis.url, 0.5)
+    try:
+        redis.cli("HSET", redis_key("v2-done"), "v", "2", "state", "completed", "token", "t",
+                  "fp", "fp", "lease_until", "1", "holder", "h/1", "created", "1000",
+                  "status", "201", "headers", '[["Content-Type","application/json"]]',
+                  "body", '{"id":1}', "replayable", "1")
+        redis.cli("PEXPIRE", redis_key("v2-done"), "60000")
+        done = await store.claim("v2-done", "new", "fp", Lease(5, 60))
+        assert done is not None
+        assert (done.response, done.holder, done.created) == (RESPONSE, "h/1", 1.0)
+        redis.cli("HSET", redis_key("v2-dead"), "v", "2", "state", "in_flight", "token", "t",
+                  "fp", "fp", "lease_until", "1", "holder", "h/1", "created", "1000")
+        redis.cli("PEXPIRE", redis_key("v2-dead"), "60000")
+        dead = await store.claim("v2-dead", "new", "fp", Lease(5, 60))
+        assert dead is not None
+        assert (dead.state, dead.token, dead.lease_expired_now) == (INDETERMINATE, "t", True)
+        assert redis.cli("HGET", redis_key("v2-dead"), "state") == "indeterminate"
+        assert not await store.complete("v2-dead", "new", RESPONSE, 60)  # not the owner
+        record, released = await store.discard("v2-dead")
+        assert record is not None and record.state == INDETERMINATE and released
+        assert await store.get("v2-dead") is None
     finally:
         await store.close()
 
@@ -238,6 +273,10 @@ async def test_redis_unknown_schema_is_an_error(redis_server: Callable[..., Redi
         redis.cli("HSET", redis_key("k"), "v", "99", "state", "x", "token", "t", "fp", "f")
         with pytest.raises(StoreError, match="schema"):
             await store.claim("k", "owner", "fp", Lease(5, 60))
+        redis.cli("SET", redis_key("s"), "9: a later layout")
+        with pytest.raises(StoreError, match="schema"):
+            await store.claim("s", "owner", "fp", Lease(5, 60))
+        assert redis.cli("GET", redis_key("s")) == "9: a later layout"  # left untouched
     finally:
         await store.close()
 
@@ -263,3 +302,12 @@ async def test_an_unreachable_store_of_any_kind_is_a_store_error(scheme: str) ->
             await store.claim("k", "owner", "fp", Lease(5, 60))
     finally:
         await store.close()
+
+
+async def test_a_redis_record_costs_its_bytes_and_at_most_300_more(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    """Issue 18's bound, with a 1 KiB body (a hash record cost about 1.2 KB more)."""
+    redis = redis_server()
+    used, stored = await record_memory.measure(redis.port, 2000, b"x" * 1024)
+    assert 0 < used - stored <= 300 * 2000

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.redis.resp import RespClient, RespConnectionError, RespError, pack
+from proxy.redis.resp import Lead, RespClient, RespConnectionError, RespError, pack
 from tests.support.faults import refusing_url, unanswered_url
 from tests.support.redis_server import RedisServer
 
@@ -15,6 +15,7 @@ from tests.support.redis_server import RedisServer
 def test_pack_is_a_resp_array_of_bulk_strings() -> None:
     assert pack(("SET", b"k\r\n", 42)) == b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n42\r\n"
     assert pack(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
+    assert pack((b"k\r\n", 42), Lead("SET")) == pack(("SET", b"k\r\n", 42))
 
 
 @pytest.fixture
@@ -101,6 +102,37 @@ async def test_a_server_speaking_garbage_is_cut_off() -> None:
     try:
         with pytest.raises(RespConnectionError, match="protocol error"):
             await resp.execute("PING")
+    finally:
+        await resp.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_deadline_fails_the_overdue_commands_and_gives_the_connection_up() -> None:
+    """One watchdog per connection: a short deadline behind a long one still ends on time, and
+    the connection that stalled is not reused."""
+    connections = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # reads and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    resp = RespClient("127.0.0.1", port, connect_timeout=1.0, connections=1)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        late = asyncio.ensure_future(resp.call(pack(("PING",)), started + 5.0))
+        with pytest.raises(TimeoutError):
+            await resp.call(pack(("PING",)), started + 0.2)
+        assert 0.2 <= loop.time() - started < 1.0
+        with pytest.raises(RespConnectionError):  # given up with the stalled connection
+            await late
+        with pytest.raises(TimeoutError):
+            await resp.call(pack(("PING",)), loop.time() + 0.1)
+        assert connections == 2
     finally:
         await resp.close()
         server.close()
