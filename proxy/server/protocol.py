@@ -208,12 +208,15 @@ class HttpProtocol(asyncio.Protocol):
             self, None, keep_alive=parser.should_keep_alive(),
         )
         chunked = "Transfer-Encoding" in request.headers
+        upgrade = parser.should_upgrade() and request.method != "CONNECT"
+        if upgrade and chunked:
+            # llhttp hands an upgrade request's body back unparsed: chunks cannot be framed.
+            raise Refusal(ProblemType.BAD_REQUEST, "an upgrade request with a chunked body")
         if chunked or request.content_length:
             request.content = Body(BODY_HIGH_WATER)
             request.content.on_drained = lambda: self._resume("body")
-            if parser.should_upgrade() and not chunked:
-                # llhttp hands an upgrade request's body back as the upgraded protocol's bytes;
-                # no upgrade is served, so the Content-Length frames it as any other body.
+            if upgrade:
+                # No upgrade is served: the Content-Length frames the body llhttp left to us.
                 self._raw_body = request.content_length or 0
         self._reading = request
         self._headers = []  # from here on: trailers, counted and dropped
@@ -287,14 +290,16 @@ class HttpProtocol(asyncio.Protocol):
         self._resume("pipeline")
 
     def _upgraded(self, rest: bytes) -> None:
-        """llhttp stopped at an upgrade request (or CONNECT): none is served, so a fresh parser
-        goes on after its body, which it left to us."""
+        """llhttp stopped at an upgrade request: none is served, so a fresh parser goes on
+        after its body, which it left to us. After CONNECT nothing is read: its answer (400)
+        closes the connection, and what follows is a tunnel's bytes, not requests."""
+        connect = self._parser.get_method() == b"CONNECT"
         self._parser = httptools.HttpRequestParser(self)
-        if self._reading is None:
+        if connect:
+            self._pause("refused")
             return
-        if not self._raw_body:
-            self.on_message_complete_raw()
-        rest = self._feed_raw_body(rest)
+        if self._raw_body:
+            rest = self._feed_raw_body(rest)
         if rest:
             self.data_received(rest)
 
@@ -306,12 +311,8 @@ class HttpProtocol(asyncio.Protocol):
                 and request.content.feed(take):
             self._pause("body")
         if not self._raw_body:
-            self.on_message_complete_raw()
+            self.on_message_complete()
         return data[len(take):]
-
-    def on_message_complete_raw(self) -> None:
-        self._raw_body = 0
-        self.on_message_complete()
 
     def _refuse(self, refusal: Refusal) -> None:
         """The parser refused the input: answer (in turn) and close; nothing after it is read."""
