@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from proxy.http.context import RequestContext
 from proxy.http.problem import ProblemType
-from proxy.http.request import BodyFramingError
+from proxy.http.request import HTTP_11, BodyFramingError
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -49,7 +49,9 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
     content = request.content
     if content is None:
         return
-    if request.channel is not None and request.headers.get("Expect", "").lower() == "100-continue":
+    # RFC 9110 §10.1.1: an HTTP/1.0 client's 100-continue is ignored (it may not know 1xx).
+    if (request.channel is not None and request.version >= HTTP_11
+            and request.headers.get("Expect", "").lower() == "100-continue"):
         try:
             request.channel.write(_CONTINUE)
         except ConnectionError as exc:

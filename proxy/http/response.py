@@ -94,7 +94,10 @@ class StreamResponse:
                 del headers[name]
         self._silent = request.method == "HEAD" or status in _BODILESS or status < 200
         length = self.content_length
-        if not request.keep_alive:
+        body = request.content
+        if not request.keep_alive or (body is not None and not body.is_eof()):
+            # A body still arriving is not read to its end: the server closes after this
+            # answer, and says so (a client waiting on 100-continue then sends nothing).
             self.keep_alive = False
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _wire(self.reason))]
         lines.extend(b"%s: %s\r\n" % (_wire(name), _wire(value)) for name, value in headers.items())

@@ -1,6 +1,7 @@
 """One client connection of the data port: llhttp (httptools) parsing, keep-alive, pipelining.
 
-An `asyncio.Protocol`, the way uvicorn's httptools_impl is built. The connection moves through
+An `asyncio.Protocol` (on `ClientConnection`, proxy/server/connection.py, which owns the socket's
+lifetime and flow control), the way uvicorn's httptools_impl is built. The connection moves through
 explicit states (`Phase`): waiting for a head (under `limits.header_timeout`, which is also the
 keep-alive idle time), handling requests one at a time in arrival order (a pipelined request
 waits its turn, and reading pauses until it gets it), and lingering after an early answer
@@ -15,11 +16,7 @@ transport holds more than its high-water mark (a slow client slows the upstream)
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import struct
 from collections import deque
-from enum import Enum, Flag, auto
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -27,6 +24,7 @@ import httptools
 from proxy.http.problem import ProblemType
 from proxy.http.request import HTTP_10, HTTP_11, Body, BodyFramingError, Request, Version
 from proxy.http.response import Response, StreamResponse
+from proxy.server.connection import ClientConnection, Pause, Phase
 from proxy.server.head import HeadLimits, Refusal, refusal_for, target_parts
 
 if TYPE_CHECKING:
@@ -34,48 +32,23 @@ if TYPE_CHECKING:
 
 # A request body waiting unread beyond this pauses reading from the client.
 BODY_HIGH_WATER = 256 * 1024
-# After an early answer (413, 408) the unread rest of the body is read and dropped this long
-# before closing: closing with unread bytes sends a reset, which can destroy the answer.
-LINGERING_TIME = 1.0
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
-
-
-class Phase(Enum):
-    IDLE = "idle"  # no request begun: the header deadline runs (keep-alive idle time)
-    HEAD = "head"  # a head is arriving: the header deadline runs
-    BUSY = "busy"  # a request is being handled (body and write deadlines are the stages')
-    LINGER = "linger"  # answered early: discarding the rest until EOF or LINGERING_TIME
-    CLOSED = "closed"
-
-
-class Pause(Flag):
-    """Why reading from the client is paused; it resumes when no reason is left."""
-
-    BODY = auto()  # a request body waits unread beyond BODY_HIGH_WATER
-    PIPELINE = auto()  # a parsed request waits for the one before it
-    REFUSED = auto()  # the parser refused the input: nothing more is read
-
 
 _VERSIONS = {"1.1": HTTP_11, "1.0": HTTP_10}
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(ClientConnection):
     # Slotted: an idle connection is this object, its parser, its timer and two empty
     # containers for the garbage collector to walk (docs/performance.md, idle connections).
     __slots__ = (
-        "_close_after", "_current", "_deadline", "_drained", "_head_bytes", "_headers",
-        "_parser", "_paused_by", "_queue", "_raw_body", "_reading", "_refusal", "_task",
-        "_timer", "_url", "_write_paused", "limits", "loop", "phase", "remote", "requests",
-        "server", "transport",
+        "_close_after", "_current", "_head_bytes", "_headers", "_parser", "_queue", "_raw_body",
+        "_reading", "_refusal", "_task", "_url", "limits", "remote", "requests", "server",
     )
 
     def __init__(self, server: DataServer) -> None:
+        super().__init__(server.loop, server.write_timeout)
         self.server = server
-        self.loop = server.loop
         self.limits: HeadLimits = server.head_limits
-        self.transport: asyncio.Transport | None = None
         self.remote = ""
-        self.phase = Phase.IDLE
         self.requests = 0  # answered on this connection
         self._parser = httptools.HttpRequestParser(self)
         # The head being parsed.
@@ -91,11 +64,6 @@ class HttpProtocol(asyncio.Protocol):
         # What ends the connection once the current request is answered.
         self._close_after = False
         self._refusal: Response | None = None  # a later pipelined head the parser refused
-        self._paused_by = Pause(0)
-        self._write_paused = False
-        self._drained: asyncio.Future[None] | None = None
-        self._deadline: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -140,12 +108,9 @@ class HttpProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.phase = Phase.CLOSED
         self.server.forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         gone = ConnectionResetError("client connection lost")
+        self._lost(gone)
         for request in (self._current, self._reading, *self._queue):
             if request is not None and request.content is not None:
                 request.content.fail(gone)
@@ -153,41 +118,6 @@ class HttpProtocol(asyncio.Protocol):
         current = self._current
         if current is not None and current.on_lost is not None:
             current.on_lost()
-        waiter = self._drained
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(gone)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drained
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # --- Channel (proxy.http.request) -----------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("cannot write to a closing connection")
-        transport.write(data)
-
-    async def drain(self) -> None:
-        if not self._write_paused:
-            return
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionResetError("cannot write to a closing connection")
-        self._drained = self.loop.create_future()
-        try:
-            async with asyncio.timeout(self.server.write_timeout):
-                await self._drained
-        except TimeoutError:
-            self.abort()
-            raise ConnectionResetError("the client did not read the response in time") from None
-        finally:
-            self._drained = None
 
     # --- httptools callbacks ----------------------------------------------------------
 
@@ -225,12 +155,15 @@ class HttpProtocol(asyncio.Protocol):
             self, None, keep_alive=parser.should_keep_alive(),
         )
         chunked = "Transfer-Encoding" in request.headers
+        upgrade = parser.should_upgrade() and request.method != "CONNECT"
+        if upgrade and chunked:
+            # llhttp hands an upgrade request's body back unparsed: chunks cannot be framed.
+            raise Refusal(ProblemType.BAD_REQUEST, "an upgrade request with a chunked body")
         if chunked or request.content_length:
             request.content = Body(BODY_HIGH_WATER)
             request.content.on_drained = lambda: self._resume(Pause.BODY)
-            if parser.should_upgrade() and not chunked:
-                # llhttp hands an upgrade request's body back as the upgraded protocol's bytes;
-                # no upgrade is served, so the Content-Length frames it as any other body.
+            if upgrade:
+                # No upgrade is served: the Content-Length frames the body llhttp left to us.
                 self._raw_body = request.content_length or 0
         self._reading = request
         self._headers = []  # from here on: trailers, counted and dropped
@@ -309,14 +242,16 @@ class HttpProtocol(asyncio.Protocol):
         self._resume(Pause.PIPELINE)
 
     def _upgraded(self, rest: bytes) -> None:
-        """llhttp stopped at an upgrade request (or CONNECT): none is served, so a fresh parser
-        goes on after its body, which it left to us."""
+        """llhttp stopped at an upgrade request: none is served, so a fresh parser goes on
+        after its body, which it left to us. After CONNECT nothing is read: its answer (400)
+        closes the connection, and what follows is a tunnel's bytes, not requests."""
+        connect = self._parser.get_method() == b"CONNECT"
         self._parser = httptools.HttpRequestParser(self)
-        if self._reading is None:
+        if connect:
+            self._pause(Pause.REFUSED)
             return
-        if not self._raw_body:
-            self.on_message_complete_raw()
-        rest = self._feed_raw_body(rest)
+        if self._raw_body:
+            rest = self._feed_raw_body(rest)
         if rest:
             self.data_received(rest)
 
@@ -328,12 +263,8 @@ class HttpProtocol(asyncio.Protocol):
                 and request.content.feed(take):
             self._pause(Pause.BODY)
         if not self._raw_body:
-            self.on_message_complete_raw()
+            self.on_message_complete()
         return data[len(take):]
-
-    def on_message_complete_raw(self) -> None:
-        self._raw_body = 0
-        self.on_message_complete()
 
     def _refuse(self, refusal: Refusal) -> None:
         """The parser refused the input: answer (in turn) and close; nothing after it is read."""
@@ -377,63 +308,3 @@ class HttpProtocol(asyncio.Protocol):
         """Shutdown: stop the request being handled."""
         if self._task is not None:
             self._task.cancel()
-
-    def _close(self, linger: bool) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            self.phase = Phase.CLOSED
-            return
-        if linger and transport.can_write_eof():
-            self.phase = Phase.LINGER
-            transport.write_eof()  # the answer, then EOF; the client's rest is read and dropped
-            self._resume(Pause.BODY)
-            self._resume(Pause.PIPELINE)
-            self._set_deadline(self.loop.time() + LINGERING_TIME)
-            return
-        self.phase = Phase.CLOSED
-        transport.close()
-
-    def abort(self) -> None:
-        """Reset the connection now. Without SO_LINGER 0 the kernel would keep the socket and
-        its unsent megabytes alive for a slow reader, closing politely only once they drain."""
-        transport = self.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        transport.abort()
-
-    def _set_deadline(self, when: float | None) -> None:
-        """One timer per connection, re-armed lazily: moving the deadline on each request costs
-        an assignment, not a cancelled TimerHandle left in the loop's heap."""
-        self._deadline = when
-        if when is not None and self._timer is None:
-            self._timer = self.loop.call_at(when, self._on_deadline)
-
-    def _on_deadline(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.phase is Phase.CLOSED:
-            return
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._on_deadline)
-            return
-        # No head within header_timeout (idle keep-alive, or a slowloris), or lingering is over.
-        self._deadline = None
-        self.phase = Phase.CLOSED
-        if self.transport is not None:
-            self.transport.close()
-
-    def _pause(self, reason: Pause) -> None:
-        if not self._paused_by and self.transport is not None:
-            self.transport.pause_reading()
-        self._paused_by |= reason
-
-    def _resume(self, reason: Pause) -> None:
-        if not self._paused_by & reason:
-            return
-        self._paused_by &= ~reason
-        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()

@@ -3,7 +3,6 @@ at their deadline while an ordinary request on another connection is answered pr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from tests.conformance.conftest import Stack
 from tests.support.raw_client import RawConnection, exchange
+from tests.support.raw_upstream import endless
 
 DEADLINE = 1.0
 LIMITS = {"header_timeout": "1s", "body_timeout": "1s", "write_timeout": "1s"}
@@ -19,7 +19,6 @@ LIMITS = {"header_timeout": "1s", "body_timeout": "1s", "write_timeout": "1s"}
 SLACK = 2.5
 PROMPT = 0.5
 BIG = 64 * 1024 * 1024
-ZEROS = bytes(64 * 1024)
 
 
 def assert_prompt_answer(stack: Stack) -> None:
@@ -106,17 +105,7 @@ def test_slow_body_gets_408_at_body_timeout(stack: Stack) -> None:
 @pytest.fixture
 def big_download(stack: Stack) -> threading.Event:
     cut = threading.Event()
-
-    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
-        try:
-            for _ in range(BIG // len(ZEROS)):
-                writer.write(ZEROS)
-                await writer.drain()
-        except ConnectionError:
-            cut.set()
-
-    stack.upstream.scripts["/big"] = big
+    stack.upstream.scripts["/big"] = endless(BIG, cut)
     return cut
 
 

@@ -22,6 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import ConfigError, parse
+from tests.support.eventually import eventually
 from tests.support.ports import free_port, wait_until
 from tests.support.proxy_process import REPO, ProxyProcess, base_config
 from tests.support.upstream import RecordingUpstream
@@ -150,6 +151,14 @@ async def test_server_span_joins_the_trace_client_proxy_upstream(
     assert resource["service.name"] == "idemproxy"
     assert resource["deployment.environment"] == "test"
     assert "secret" not in str(receiver.spans)
+    # The exporter counts a batch when the receiver's answer is back, a moment after the
+    # receiver has its spans: poll for the count rather than reading it once.
+
+    async def both_exported() -> bool:
+        samples = await asyncio.to_thread(scrape, process)
+        return samples[("idemproxy_spans_exported_total", ())] >= 2
+
+    await eventually(both_exported, 5, "both spans counted as exported")
     samples = await asyncio.to_thread(scrape, process)
     assert samples[("idemproxy_spans_exported_total", ())] == 2
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.support.eventually import eventually
 from tests.support.idempotency import idem_config
+from tests.support.ports import wait_until
 from tests.support.proxy_process import ProxyProcess, base_config
+from tests.support.raw_upstream import RawUpstream
+from tests.support.strict_http import StrictReader, closed_within, connect
 from tests.support.upstream import RecordingUpstream
 
 WORKERS = 8
@@ -206,3 +211,48 @@ async def test_idempotency_record_in_flight_at_sigterm_is_finalised(
             assert replay.status == 201
             assert replay.headers["Idempotent-Replayed"] == "true"
     assert upstream.count == 1
+
+
+@pytest.mark.slow
+def test_sigterm_closes_idle_keep_alive_connections_and_answers_the_request_in_flight(
+    proxy_process: Any, tmp_path: Any
+) -> None:
+    """Raw sockets: idle kept-alive connections are closed at once (long before
+    header_timeout); a request in flight gets its answer with `Connection: close`, then EOF."""
+    gate = threading.Event()
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.to_thread(gate.wait, 10)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+        await writer.drain()
+
+    upstream = RawUpstream().start()
+    upstream.scripts["/in-flight"] = gated
+    try:
+        config = base_config(upstream.url, limits={"header_timeout": "30s"},
+                             shutdown={"drain_delay": "0s", "timeout": "10s"})
+        proc = proxy_process(config)
+        idle = [connect(proc.port) for _ in range(3)]
+        for count, sock in enumerate(idle, start=1):  # 1, 2 and 3 requests answered on each
+            sock.sendall(b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n" * count)
+            assert [a.status for a in StrictReader(sock).read(count)] == [200] * count
+        busy = connect(proc.port)
+        busy.sendall(b"POST /in-flight HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        wait_until(lambda: any(r.target == "/in-flight" for r in upstream.requests), 5,
+                   "the request in flight at the upstream")
+        proc.signal(signal.SIGTERM)
+        closed = [closed_within(sock, 5) for sock in idle]
+        assert all(seconds is not None and seconds < 2 for seconds in closed), closed
+        gate.set()
+        reader = StrictReader(busy)
+        [answer] = reader.read(1)
+        reader.read_to_eof()
+        assert (answer.status, answer.body) == (200, b"done")
+        assert answer.header("connection") == "close"
+        assert proc.process is not None
+        assert proc.process.wait(10) == 0
+        for sock in [*idle, busy]:
+            sock.close()
+    finally:
+        gate.set()
+        upstream.stop()

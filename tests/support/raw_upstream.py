@@ -43,6 +43,23 @@ def stall_after(data: bytes) -> Script:
     return script
 
 
+def endless(size: int, cut: threading.Event) -> Script:
+    """A script that streams a `size`-byte body as fast as the proxy takes it; `cut` is set
+    when the proxy hangs up first (it gave up on its client)."""
+    block = bytes(64 * 1024)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        try:
+            for _ in range(size // len(block)):
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            cut.set()
+
+    return script
+
+
 class IncompleteRequest(Exception):
     """The connection ended before the request was complete."""
 

@@ -1,0 +1,154 @@
+"""The client side of a data-port connection: its socket's lifetime and flow control.
+
+`ClientConnection` is what `HttpProtocol` (proxy/server/protocol.py) stands on, apart from
+parsing: the connection's `Phase`, why reading is paused (`Pause`), waiting while the client is
+slow to read (`drain`, bounded by `limits.write_timeout`), the one deadline timer, and the three
+ways a connection ends (close, lingering close, reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from enum import Enum, Flag, auto
+
+# After an early answer (413, 408) the unread rest of the body is read and dropped this long
+# before closing: closing with unread bytes sends a reset, which can destroy the answer.
+LINGERING_TIME = 1.0
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
+
+
+class Phase(Enum):
+    IDLE = "idle"  # no request begun: the header deadline runs (keep-alive idle time)
+    HEAD = "head"  # a head is arriving: the header deadline runs
+    BUSY = "busy"  # a request is being handled (body and write deadlines are the stages')
+    LINGER = "linger"  # answered early: discarding the rest until EOF or LINGERING_TIME
+    CLOSED = "closed"
+
+
+class Pause(Flag):
+    """Why reading from the client is paused; it resumes when no reason is left."""
+
+    BODY = auto()  # a request body waits unread beyond BODY_HIGH_WATER
+    PIPELINE = auto()  # a parsed request waits for the one before it
+    REFUSED = auto()  # the parser refused the input: nothing more is read
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_deadline", "_drained", "_paused_by", "_timer", "_write_paused", "loop", "phase",
+        "transport", "write_timeout",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, write_timeout: float) -> None:
+        self.loop = loop
+        self.write_timeout = write_timeout
+        self.transport: asyncio.Transport | None = None
+        self.phase = Phase.IDLE
+        self._paused_by = Pause(0)
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _lost(self, gone: Exception) -> None:
+        """The socket is gone: no deadline, no writer left waiting."""
+        self.phase = Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter = self._drained
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(gone)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drained
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("cannot write to a closing connection")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._write_paused:
+            return
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("cannot write to a closing connection")
+        self._drained = self.loop.create_future()
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await self._drained
+        except TimeoutError:
+            self.abort()
+            raise ConnectionResetError("the client did not read the response in time") from None
+        finally:
+            self._drained = None
+
+    def _close(self, linger: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.phase = Phase.CLOSED
+            return
+        if linger and transport.can_write_eof():
+            self.phase = Phase.LINGER
+            transport.write_eof()  # the answer, then EOF; the client's rest is read and dropped
+            self._resume(Pause.BODY)
+            self._resume(Pause.PIPELINE)
+            self._set_deadline(self.loop.time() + LINGERING_TIME)
+            return
+        self.phase = Phase.CLOSED
+        transport.close()
+
+    def abort(self) -> None:
+        """Reset the connection now. Without SO_LINGER 0 the kernel would keep the socket and
+        its unsent megabytes alive for a slow reader, closing politely only once they drain."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
+
+    def _set_deadline(self, when: float | None) -> None:
+        """One timer per connection, re-armed lazily: moving the deadline on each request costs
+        an assignment, not a cancelled TimerHandle left in the loop's heap."""
+        self._deadline = when
+        if when is not None and self._timer is None:
+            self._timer = self.loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.phase is Phase.CLOSED:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_deadline)
+            return
+        # No head within header_timeout (idle keep-alive, or a slowloris), or lingering is over.
+        self._deadline = None
+        self.phase = Phase.CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause(self, reason: Pause) -> None:
+        if not self._paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused_by |= reason
+
+    def _resume(self, reason: Pause) -> None:
+        if not self._paused_by & reason:
+            return
+        self._paused_by &= ~reason
+        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
