@@ -114,8 +114,10 @@ async def test_two_proxies_share_one_redis_quota(
     make_proxy: Any, upstream: RecordingUpstream, redis_server: Any
 ) -> None:
     server = redis_server()
-    config = quota_config(upstream.url, key="header:X-Tenant", burst=4)
-    config["store"] = {"url": server.url}
+    # fail_closed and a generous timeout: on a loaded machine a slow first script load must
+    # not pass as "the quota let it through" (the default on_error is fail_open).
+    config = quota_config(upstream.url, key="header:X-Tenant", burst=4, on_error="fail_closed")
+    config["store"] = {"url": server.url, "timeout": "5s"}
     proxies = [await make_proxy(config), await make_proxy(config)]
     responses = await asyncio.gather(
         *(proxies[i % 2].get("/x", headers={"X-Tenant": "acme"}) for i in range(20))
