@@ -88,7 +88,7 @@ TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "x-trace-id"})
 # Never replayed, even when a route lists them as extras: they describe the original exchange.
 NEVER_REPLAYED = HOP_BY_HOP | FRAMING | {"set-cookie", "date"}
 VIA = "1.1 idemproxy"
-# Replaces aiohttp's default `Server: Python/3.x aiohttp/3.y.z`, which tells an attacker which
+# The data server's default `Server`: no framework or version, which would tell an attacker which
 # advisories to try; an upstream's own Server header is relayed as it is.
 SERVER = "idemproxy"
 # RFC 9110 §5.5: field values never contain CTLs other than HTAB; names are tokens.
@@ -230,8 +230,9 @@ def replay_headers(headers: Iterable[tuple[str, str]], extra: frozenset[str]) ->
 def response_head_problem(headers: Iterable[tuple[str, str]]) -> str | None:
     """Why an upstream response head must not be relayed (answer 502 instead), or None.
 
-    aiohttp's client parser is lenient (CTLs, obs-fold, Transfer-Encoding with Content-Length)
-    and its writer raises on CTLs only once the downstream response is half sent.
+    A header the client could not parse safely (a CTL, a bad name) or framing that smuggles
+    (Transfer-Encoding with Content-Length) is caught before the head is relayed, never after
+    the response to the client has begun.
     """
     framing: set[str] = set()
     for name, value in headers:

@@ -1,9 +1,9 @@
 """Request checks the HTTP parser leaves to the proxy: pure, cheap, run before routing.
 
-aiohttp rejects most malformed framing itself (400 and close, see server.parse_error_response),
-but its two parsers differ (the pure-Python one accepts `Transfer-Encoding: chunked, chunked`
-and HTTP/1.2; llhttp accepts HTTP/0.9 and HTTP/2.0 request lines), and neither minds header
-names that some upstreams read as their dash-spelled twins.
+The data server's llhttp parser rejects most malformed framing itself (400 and close, see
+proxy/server/head.py), but it accepts HTTP/0.9 and HTTP/2.0 request lines and list forms of
+`Transfer-Encoding` (`chunked, chunked`), and it does not mind header names that some upstreams
+read as their dash-spelled twins.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def check_request(
 def check_host(host: str | None) -> Rejection | None:
     """Why the client's `Host` is refused, or None. It goes upstream as X-Forwarded-Host, where
     frameworks build absolute URLs from it: only a syntactically valid host and port pass."""
-    if host is None:  # HTTP/1.0 may omit it (aiohttp refuses HTTP/1.1 without one)
+    if host is None:  # HTTP/1.0 may omit it (the server refuses HTTP/1.1 without one)
         return None
     match = _HOST.fullmatch(host)
     if match is not None and (match["ipv6"] is None or _is_ipv6(match["ipv6"])):
