@@ -121,11 +121,16 @@ class ClientConnection(asyncio.Protocol):
         transport.abort()
 
     def _set_deadline(self, when: float | None) -> None:
-        """One timer per connection, re-armed lazily: moving the deadline on each request costs
-        an assignment, not a cancelled TimerHandle left in the loop's heap."""
+        """One timer per connection, re-armed lazily: moving the deadline later (each request)
+        costs an assignment, not a cancelled TimerHandle left in the loop's heap. Only a deadline
+        earlier than the armed timer (the lingering close after a head deadline) re-arms it."""
         self._deadline = when
-        if when is not None and self._timer is None:
-            self._timer = self.loop.call_at(when, self._on_deadline)
+        timer = self._timer
+        if when is None or (timer is not None and timer.when() <= when):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_deadline)
 
     def _on_deadline(self) -> None:
         self._timer = None

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,3 +273,31 @@ def test_an_early_answer_lingers_at_most_a_moment(stack: tuple[ProxyProcess, Raw
     assert answer.header("connection") == "close"
     assert sent_until[0] - answered < LINGERING_TIME + SLACK
     assert upstream.count == count
+
+
+def test_lingering_ends_on_time_under_a_long_header_timeout(proxy_process: Any) -> None:
+    """The lingering close sets a deadline earlier than the head deadline armed at the accept
+    (10 s here): it must still end the connection within LINGERING_TIME, not at 10 s."""
+    upstream = RawUpstream().start()
+    try:
+        proxy = proxy_process(base_config(upstream.url, limits={
+            "header_timeout": "10s", "max_request_body": "1KiB",
+        }))
+        with connect(proxy.port) as sock:
+            sock.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+            [answer] = StrictReader(sock).read(1)
+            answered = time.monotonic()
+            assert answer.status == 413
+            sock.settimeout(0.1)
+            ended = None
+            while time.monotonic() - answered < 8:
+                try:
+                    sock.send(bytes(4096))
+                except TimeoutError:
+                    continue
+                except OSError:  # reset: the proxy stopped lingering and closed
+                    ended = time.monotonic()
+                    break
+        assert ended is not None and ended - answered < LINGERING_TIME + SLACK
+    finally:
+        upstream.stop()
