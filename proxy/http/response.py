@@ -41,9 +41,17 @@ class _Date:
         return cls.value
 
 
+class HeadInjection(ValueError):
+    """A header or reason would end its line early (CR or LF): the head is never written."""
+
+
 def _wire(text: str) -> bytes:
     """Header text as bytes: upstream heads are decoded as latin-1 and go back byte for byte;
-    text from elsewhere (a config value) that latin-1 cannot hold goes as UTF-8."""
+    text from elsewhere (a config value) that latin-1 cannot hold goes as UTF-8. A CR or LF
+    (which upstream heads cannot carry: proxy.http.headers.response_head_problem) would split
+    the response, so it is refused; the server then resets the connection."""
+    if "\r" in text or "\n" in text:
+        raise HeadInjection(f"CR or LF in response head text {text[:40]!r}")
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy.http.request import HTTP_10, HTTP_11, Request, Version
-from proxy.http.response import Response, StreamResponse
+from proxy.http.response import HeadInjection, Response, StreamResponse
 
 
 class Wire:
@@ -122,3 +122,14 @@ def test_header_text_latin1_cannot_hold_goes_as_utf8() -> None:
     data = response.encode(req)
     assert b"X-Upstream: caf\xe9\r\n" in data
     assert "RateLimit-Policy: zahlung-€\r\n".encode() in data
+
+
+@pytest.mark.parametrize("text", ["a\r\nSet-Cookie: evil=1", "a\nb", "a\rb"])
+def test_a_line_break_in_head_text_is_never_written(text: str) -> None:
+    """Response splitting: a value (a config string in a quota header, say) with CR or LF is
+    refused, so the server resets the connection instead of writing a second header or head."""
+    req, _ = request()
+    with pytest.raises(HeadInjection):
+        Response(headers=[("RateLimit-Policy", text)]).encode(req)
+    with pytest.raises(HeadInjection):
+        Response(reason=text).encode(req)
