@@ -18,6 +18,12 @@ from enum import Enum, Flag, auto
 # before closing: closing with unread bytes sends a reset, which can destroy the answer.
 LINGERING_TIME = 1.0
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
+# While reading is paused for a body the upstream is slow to take, the loop does not watch the
+# socket, so a client that leaves would go unnoticed until the upstream's timeout: its TCP state
+# is read this often instead (Linux TCP_INFO; CLOSE, CLOSE_WAIT, LAST_ACK: the peer is gone).
+PAUSED_PROBE = 1.0
+_PEER_GONE = frozenset({7, 8, 9})
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
 
 
 class Phase(Enum):
@@ -38,8 +44,8 @@ class Pause(Flag):
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "_deadline", "_drained", "_paused_by", "_timer", "_write_paused", "loop", "phase",
-        "transport", "write_timeout",
+        "_deadline", "_drained", "_paused_by", "_probe", "_timer", "_write_paused", "loop",
+        "phase", "transport", "write_timeout",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, write_timeout: float) -> None:
@@ -52,13 +58,15 @@ class ClientConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._probe: asyncio.TimerHandle | None = None
 
     def _lost(self, gone: Exception) -> None:
         """The socket is gone: no deadline, no writer left waiting."""
         self.phase = Phase.CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._probe):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._probe = None
         waiter = self._drained
         if waiter is not None and not waiter.done():
             waiter.set_exception(gone)
@@ -150,6 +158,25 @@ class ClientConnection(asyncio.Protocol):
         if not self._paused_by and self.transport is not None:
             self.transport.pause_reading()
         self._paused_by |= reason
+        if reason is Pause.BODY and self._probe is None and _TCP_INFO is not None:
+            self._probe = self.loop.call_later(PAUSED_PROBE, self._probe_peer)
+
+    def _probe_peer(self) -> None:
+        """Paused for a body: end the connection if the client has left (connection_lost then
+        tells the request, as when the loop sees it)."""
+        self._probe = None
+        transport = self.transport
+        if not self._paused_by & Pause.BODY or transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] if sock else 0
+        except OSError:
+            state = 0
+        if state in _PEER_GONE:
+            transport.abort()
+            return
+        self._probe = self.loop.call_later(PAUSED_PROBE, self._probe_peer)
 
     def _resume(self, reason: Pause) -> None:
         if not self._paused_by & reason:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -150,8 +151,8 @@ def test_an_upload_to_a_slow_upstream_pauses_the_client(
         finally:
             uploading.clear()
             uploader.join(5)
-            # The proxy cannot see this client leave while it is not reading from it: the
-            # upstream's hang-up ends the exchange (else it would last upstreams.*.timeout).
+            # This client's FIN waits behind its body bytes still in flight, which the proxy
+            # reads at the upstream's pace: the upstream's hang-up ends the exchange sooner.
             slow_reader.hang_up.set()
     print(f"sent {sent / MiB:.1f} MiB, upstream read {slow_reader.read / MiB:.1f} MiB, "
           f"proxy RSS +{(peak - baseline) / MiB:.1f} MiB")
@@ -301,3 +302,39 @@ def test_lingering_ends_on_time_under_a_long_header_timeout(proxy_process: Any) 
         assert ended is not None and ended - answered < LINGERING_TIME + SLACK
     finally:
         upstream.stop()
+
+
+def test_a_client_leaving_a_paused_upload_is_noticed(
+    stack: tuple[ProxyProcess, RawUpstream], slow_reader: SlowReader
+) -> None:
+    """Reading is paused while the upstream is slow to take the body, so the loop does not
+    watch the client's socket: the proxy reads its TCP state instead and ends the exchange
+    soon after the client resets the connection, not at upstreams.*.timeout (30 s here). (A
+    client's FIN waits behind the body bytes still in flight: TCP delivers it once the proxy
+    reads them, and then the same check sees it.)"""
+    proxy, _ = stack
+    path = f"/slow-upload/leaving-{time.monotonic_ns()}"
+    with connect(proxy.port) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                     % (path.encode(), BIG))
+        sock.settimeout(0.2)
+        sent = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 3:  # fill the proxy's buffer and the socket's
+            try:
+                sent += sock.send(bytes(MiB))
+            except TimeoutError:
+                continue
+        assert sent < BIG
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    left = time.monotonic()  # closed with SO_LINGER 0: a reset, as when a client gives up
+
+    def logged() -> bool:
+        return any(line.get("url.path") == path for line in proxy.json_lines())
+
+    while not logged() and time.monotonic() - left < 15:
+        time.sleep(0.05)
+    took = time.monotonic() - left
+    [line] = [line for line in proxy.json_lines() if line.get("url.path") == path]
+    assert took < 2 * 1.0 + SLACK  # PAUSED_PROBE (proxy/server/connection.py), twice at most
+    assert line["error.type"] == "client_disconnect"
