@@ -14,7 +14,7 @@ import traceback
 from typing import Protocol
 
 from proxy.config import Limits
-from proxy.http.problem import ProblemType, problem, problem_body
+from proxy.http.problem import ProblemType, problem, retry_after
 from proxy.http.request import Request
 from proxy.http.response import Response, StreamResponse
 from proxy.observability import tracing
@@ -30,19 +30,16 @@ BACKLOG = 100
 
 
 def over_capacity_response(max_connections: int) -> bytes:
-    """The whole 503 written to a connection beyond `limits.max_connections` before closing it."""
-    trace_id = tracing.new_trace_id()
-    body = problem_body(
+    """The whole 503 written to a connection beyond `limits.max_connections` before closing it
+    (encoded like every other answer: no request was parsed, so none is answered)."""
+    response = problem(
         ProblemType.TOO_MANY_CONNECTIONS,
         f"the proxy serves at most {max_connections} connections",
-        trace_id,
+        tracing.new_trace_id(),
+        (retry_after(1),),
     )
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
-        f"Content-Length: {len(body)}\r\nX-Trace-Id: {trace_id}\r\nRetry-After: 1\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode() + body
+    response.force_close()
+    return response.encode(Request.unparsed(""))
 
 
 class Plane(Protocol):
