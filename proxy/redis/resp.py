@@ -112,7 +112,11 @@ class _Connection(asyncio.Protocol):
         waiter = self._loop.create_future()
         self._pending.append(waiter)
         self._deadlines.append(deadline)
-        if self._watchdog is None and deadline != math.inf:
+        watchdog = self._watchdog
+        if deadline != math.inf and (watchdog is None or deadline < watchdog.when()):
+            # Armed for a later deadline (a caller with a longer budget): move it earlier.
+            if watchdog is not None:
+                watchdog.cancel()
             self._watchdog = self._loop.call_at(deadline, self._check)
         if not self._out:
             self._loop.call_soon(self._flush)

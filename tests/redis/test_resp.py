@@ -112,10 +112,13 @@ async def test_a_deadline_fails_the_overdue_commands_and_gives_the_connection_up
     """One watchdog per connection: a short deadline behind a long one still ends on time, and
     the connection that stalled is not reused."""
     connections = 0
+    received = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
+        await reader.read(1)
+        received.set()  # the long-deadline command is on the wire (its watchdog armed)
         await reader.read()  # reads and never answers
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -125,6 +128,7 @@ async def test_a_deadline_fails_the_overdue_commands_and_gives_the_connection_up
     try:
         started = loop.time()
         late = asyncio.ensure_future(resp.call(pack(("PING",)), started + 5.0))
+        await asyncio.wait_for(received.wait(), 2)
         with pytest.raises(TimeoutError):
             await resp.call(pack(("PING",)), started + 0.2)
         assert 0.2 <= loop.time() - started < 1.0
