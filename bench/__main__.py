@@ -39,14 +39,13 @@ from bench.harness import (
     rss_with_connections,
 )
 from bench.report import markdown
-from bench.targets import PASS_THROUGH, evaluate
+from bench.targets import BASELINE, PASS_THROUGH, evaluate
 from bench.targets import markdown as targets_markdown
 
 SUT_CPU, SIDE_CPU = 0, 1
 # `workers: 2` may use every core: on a 2-core machine it shares CPU 1 with upstream and wrk.
 WORKERS_CPUS = (SUT_CPU, SIDE_CPU)
 RESULTS = Path(__file__).with_name("results")
-CURVES = {"records": records_curve.main, "routes": routes_curve.main}
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,15 @@ def curves(names: str, quick: bool, options: list[str]) -> int:
     return 0
 
 
+def baseline_modes() -> list[Mode]:
+    """`--baseline`: the other build's pass-through and Redis modes (the targets' rows)."""
+    modes = [Mode(BASELINE.pass_through, "baseline")]
+    if shutil.which("redis-server"):
+        modes.append(Mode(BASELINE.first, "baseline-redis", "/idem", "POST", "fresh"))
+        modes.append(Mode(BASELINE.replay, "baseline-redis", "/idem", "POST", "fixed"))
+    return modes
+
+
 def all_modes() -> list[Mode]:
     modes = [Mode("direct", "upstream")]
     if shutil.which("nginx"):
@@ -96,7 +104,9 @@ def all_modes() -> list[Mode]:
     return modes
 
 
-def start_services(lab: Lab, modes: list[Mode]) -> dict[str, Service]:
+def start_services(
+    lab: Lab, modes: list[Mode], baseline: Path | None = None
+) -> dict[str, Service]:
     needed = {m.service for m in modes}
     upstream = lab.upstream(SIDE_CPU)
     services = {"upstream": upstream}
@@ -118,6 +128,13 @@ def start_services(lab: Lab, modes: list[Mode]) -> dict[str, Service]:
             services[name] = lab.idemproxy(name, config, SUT_CPU)
         elif name == "idem-memory":
             services[name] = lab.idemproxy(name, idemproxy_config(upstream), SUT_CPU)
+        elif name == "baseline" and baseline is not None:
+            config = idemproxy_config(upstream, sized=False)
+            services[name] = lab.idemproxy(name, config, SUT_CPU, checkout=baseline)
+        elif name == "baseline-redis" and baseline is not None:
+            redis = lab.redis(SIDE_CPU)
+            config = idemproxy_config(upstream, store_url=redis.url.replace("http://", "redis://"))
+            services[name] = lab.idemproxy(name, config, SUT_CPU, checkout=baseline)
     return services
 
 
@@ -164,6 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         modes = [m for m in modes if m.name in wanted or m.name.startswith(tuple(wanted))]
     if not any(m.name == "direct" for m in modes):
         modes.insert(0, Mode("direct", "upstream"))
+    if args.baseline is not None:
+        modes += baseline_modes()
     samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in modes}
     skipped: list[str] = []
     started = datetime.now(UTC)
@@ -171,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="idemproxy-bench-") as tmp:
         lab = Lab(Path(tmp), pin=not args.no_pin, python=args.python)
         try:
-            services = start_services(lab, modes)
+            services = start_services(lab, modes, args.baseline)
             for mode in [m for m in modes if m.replay]:
                 if not replays(services[mode.service].url + mode.path):
                     skipped.append(f"{mode.service}: no idempotency engine answered a replay")
@@ -183,7 +202,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     shape = {"method": mode.method, "key": mode.key}
                     closed = Load(url, args.connections, args.seconds, **shape)
                     # N connections pausing N ms each: about one request per millisecond.
-                    paced = Load(url, args.paced, args.seconds, delay_ms=args.paced, **shape)
+                    paced = Load(
+                        url, args.paced, args.seconds, delay_ms=args.paced, pacing=args.pacing,
+                        **shape,
+                    )
                     if round_no == 0 and args.warmup:
                         warmup = Load(url, args.connections, args.warmup, **shape)
                         measure(service, warmup, SIDE_CPU)
@@ -218,9 +240,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "connections": args.connections,
             "paced_connections": args.paced,
             "paced_target_rps": 1000,
+            "pacing": args.pacing,
             "pinned": not args.no_pin,
             "proxy_python": args.python,
             "held_connections": args.hold,
+            "baseline": None if args.baseline is None else str(args.baseline),
         },
         "modes": results,
         "skipped": skipped,
@@ -317,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         help="latency run: N connections each pausing N ms between requests (~1,000 req/s)",
     )
     parser.add_argument(
+        "--pacing",
+        choices=("poisson", "fixed"),
+        default="poisson",
+        help="latency run: pauses drawn at random around the mean (poisson), or all equal "
+        "(fixed: the connections stay in lock-step and arrive as one burst per period)",
+    )
+    parser.add_argument(
         "--hold",
         type=int,
         default=1000,
@@ -326,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         "--soak", type=int, default=0, help="then this many seconds at ~500 req/s: RSS growth"
     )
     parser.add_argument("--modes", default="", help="comma-separated mode names or prefixes")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout of idemproxy with its own .venv (e.g. the commit the targets "
+        "were set against), measured in the same run; the TARGETS table shows both",
+    )
     parser.add_argument(
         "--curves", default="", help=f"run these cost curves instead: {','.join(CURVES)}"
     )
@@ -343,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = run(args)
     report["targets"] = evaluate(report)
-    table = markdown(report) + "\n" + targets_markdown(report["targets"])
+    if args.baseline is not None:
+        report["baseline_targets"] = evaluate(report, BASELINE)
+    table = markdown(report) + "\n" + targets_markdown(
+        report["targets"], report.get("baseline_targets")
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (args.out / f"bench-{stamp}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

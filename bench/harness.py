@@ -132,11 +132,16 @@ class Lab:
         return argv
 
     def start(
-        self, name: str, argv: list[str], port: int, cpu: int | tuple[int, ...]
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        cpu: int | tuple[int, ...],
+        cwd: Path = REPO,
     ) -> Service:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
-            self._pinned(argv, cpu), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            self._pinned(argv, cpu), cwd=cwd, stdout=log, stderr=subprocess.STDOUT
         )
         service = Service(name, process, port)
         self.services.append(service)
@@ -231,22 +236,31 @@ http {{
         return self.start(f"redis-{port}", argv, port, cpu)
 
     def idemproxy(
-        self, name: str, config: dict[str, Any], cpu: int | tuple[int, ...]
+        self,
+        name: str,
+        config: dict[str, Any],
+        cpu: int | tuple[int, ...],
+        checkout: Path | None = None,
     ) -> Service:
+        """`idemproxy run` of this repository, or of `checkout` (another build of idemproxy,
+        with its own `.venv`) for a same-run comparison."""
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        argv = [self.python, "-m", "proxy", "run", "--config", str(path)]
-        service = self.start(name, argv, int(config["listen"]["port"]), cpu)
+        python = self.python if checkout is None else str(checkout / ".venv" / "bin" / "python")
+        argv = [python, "-m", "proxy", "run", "--config", str(path)]
+        port = int(config["listen"]["port"])
+        service = self.start(name, argv, port, cpu, cwd=checkout or REPO)
         _wait_for_ready(int(config["admin"]["port"]), service.process, name)
         service.idle_rss_kib = service.memory_kib("VmRSS")
         return service
 
 
 def idemproxy_config(
-    upstream: Service, *, store_url: str = "memory://", workers: int = 1
+    upstream: Service, *, store_url: str = "memory://", workers: int = 1, sized: bool = True
 ) -> dict[str, Any]:
     """Pass-through on `/`, an idempotent POST route on `/idem` (only for one process or a
-    shared store: workers share no memory); observability as shipped."""
+    shared store: workers share no memory); observability as shipped. `sized: False` leaves the
+    memory store's bounds at their defaults (an older build without `store.max_bytes`)."""
     app: dict[str, Any] = {"url": upstream.url, "connect_timeout": "2s", "timeout": "30s"}
     idempotent = {
         "name": "idem",
@@ -256,7 +270,7 @@ def idemproxy_config(
     }
     shared = not store_url.startswith("memory:")
     store: dict[str, Any] = {"url": store_url}
-    if not shared:
+    if not shared and sized:
         # A full run makes about 40,000 first executions (more as the proxy gets faster): at the
         # default 32MiB the store fills up in round 3 and answers 503, which is not the cost
         # being measured.
@@ -276,7 +290,8 @@ def idemproxy_config(
 
 @dataclass(frozen=True)
 class Load:
-    """One wrk invocation: closed loop, or paced (`delay_ms` per connection) for latency."""
+    """One wrk invocation: closed loop, or paced (a mean `delay_ms` per connection between
+    requests, `pacing` as bench/wrk.lua describes it) for latency."""
 
     url: str
     connections: int
@@ -284,6 +299,7 @@ class Load:
     method: str = "GET"
     key: str = "none"
     delay_ms: int = 0
+    pacing: str = "poisson"
 
 
 def run_wrk(load: Load, cpu: int | None) -> dict[str, Any]:
@@ -298,6 +314,7 @@ def run_wrk(load: Load, cpu: int | None) -> dict[str, Any]:
         "BENCH_METHOD": load.method,
         "BENCH_KEY": load.key,
         "BENCH_DELAY_MS": str(load.delay_ms),
+        "BENCH_PACING": load.pacing,
     }
     done = subprocess.run(argv, env=env, capture_output=True, check=True, timeout=load.seconds + 30)
     lines = [line for line in done.stdout.splitlines() if line.startswith(b"{")]

@@ -35,7 +35,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Median of {params['runs']} rounds; throughput: wrk -t1 -c{params['connections']} "
         f"{params['seconds']} s closed loop; latency: {params['paced_connections']} connections "
-        f"paced to ~{params['paced_target_rps']} req/s, added over direct; RSS held: with "
+        f"paced to ~{params['paced_target_rps']} req/s ({params.get('pacing', 'fixed')} pauses), "
+        f"added over direct; RSS held: with "
         f"{params['held_connections']} open client connections.",
         "",
         "| " + " | ".join(title for title, _, _ in COLUMNS) + " |",

@@ -1,11 +1,17 @@
 -- Request shape and report for every benchmark run, configured by environment variables:
 --   BENCH_METHOD    GET (default) or POST (with a small JSON body)
 --   BENCH_KEY       none (default) | fresh (a new Idempotency-Key per request) | fixed
---   BENCH_DELAY_MS  pause per connection between requests (paced latency runs); 0 = closed loop
+--   BENCH_DELAY_MS  mean pause per connection between requests (paced latency runs); 0 = closed loop
+--   BENCH_PACING    poisson (default): each pause is drawn from an exponential distribution with
+--                   that mean, so arrivals spread out as independent clients' do; fixed: every
+--                   pause is exactly BENCH_DELAY_MS, which keeps the connections in lock-step (all
+--                   of them send within the same millisecond, then nothing: a burst every period)
 -- done() prints one JSON line with the counts and latency percentiles in microseconds.
 local method = os.getenv("BENCH_METHOD") or "GET"
 local key_mode = os.getenv("BENCH_KEY") or "none"
 local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local pacing = os.getenv("BENCH_PACING") or "poisson"
+math.randomseed(os.time())
 local body = nil
 local headers = {}
 local prefix = string.format("bench-%d-%s-", os.time(), tostring({}):sub(8))
@@ -32,9 +38,14 @@ request = function()
   return fixed_request
 end
 
-if pause > 0 then
+if pause > 0 and pacing == "fixed" then
   delay = function()
     return pause
+  end
+elseif pause > 0 then
+  delay = function()
+    -- 1 - random() is in (0, 1]: the logarithm is finite.
+    return math.floor(-pause * math.log(1 - math.random()) + 0.5)
   end
 end
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench import stage_profile
 from bench.__main__ import all_modes, main
-from bench.targets import TARGETS, Verdict, evaluate, markdown
+from bench.targets import BASELINE, TARGETS, Verdict, evaluate, markdown
 
 runs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="the benchmark needs wrk")
 
@@ -187,6 +187,33 @@ def test_the_targets_table_has_one_row_per_target_with_its_verdict() -> None:
     assert len(body) == len(TARGETS)
     assert body[0] == "| pass-through throughput vs plain aiohttp proxy ≥ 2.50x | 1.25x | miss |"
     assert body[-1].endswith("| — | not measured |")
+
+
+def test_a_baseline_build_is_judged_from_its_own_rows_in_the_same_table() -> None:
+    # `--baseline`: the older build's rows sit beside the current build's in one run.
+    current = [
+        {**PASS_THROUGH_ROW, "x_plain": 1.6},
+        _row("idem-first-redis", rps=6000.0),
+        _row("idem-replay-redis", rps=8800.0),
+    ]
+    older = [
+        {**PASS_THROUGH_ROW, "mode": "baseline", "rps": 5000.0},
+        _row("baseline-first-redis", rps=2500.0),
+        _row("baseline-replay-redis", rps=4000.0, errors=7),
+    ]
+    report = _report(*current, *older)
+
+    judged, baseline = evaluate(report), evaluate(report, BASELINE)
+
+    assert [t["shown"] for t in judged][:1] + [t["shown"] for t in judged][4:6] == [
+        "1.60x", "0.75x", "1.10x",
+    ]
+    assert [t["shown"] for t in baseline][4:6] == ["0.50x", "7 errors"]
+    assert baseline[5]["verdict"] == Verdict.NOT_MEASURED  # its own errors, not the current's
+    lines = markdown(judged, baseline).splitlines()
+    assert lines[2] == "| target | measured | pass/miss | baseline (same run) |"
+    assert lines[4].endswith("| 1.60x | miss | 1.25x (miss) |")
+    assert lines[8].endswith("| 0.75x | pass | 0.50x (miss) |")
 
 
 def test_the_removed_aiohttp_transport_has_no_benchmark_mode() -> None:
