@@ -290,6 +290,8 @@ def summarise(
             "mode": mode.name,
             "rps": _median([r["throughput"]["rps"] for r in runs]),
             "cpu_s_per_1k": _median([r["throughput"]["cpu_s_per_1k"] for r in runs]),
+            "user_s_per_1k": _median([r["throughput"]["user_s_per_1k"] for r in runs]),
+            "kernel_s_per_1k": _median([r["throughput"]["kernel_s_per_1k"] for r in runs]),
             "paced_rps": _median([r["latency"]["rps"] for r in runs]),
             "cores_at_paced": _median([r["latency"]["cores"] for r in runs]),
             "idle_rss_mib": idle[mode.service] / 1024,

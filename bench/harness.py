@@ -32,11 +32,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc/<pid>/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of one process (user space, kernel), from /proc/<pid>/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def memory_kib(pid: int, key: str) -> int:
@@ -98,9 +98,10 @@ class Service:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the process and its workers."""
-        return sum(cpu_seconds(pid) for pid in process_tree(self.pid))
+    def cpu_times(self) -> tuple[float, float]:
+        """User and kernel CPU time of the process and its workers."""
+        times = [cpu_times(pid) for pid in process_tree(self.pid)]
+        return sum(user for user, _ in times), sum(kernel for _, kernel in times)
 
     def memory_kib(self, key: str) -> int:
         """VmRSS or VmHWM summed over the process and its workers."""
@@ -326,9 +327,11 @@ def run_wrk(load: Load, cpu: int | None) -> dict[str, Any]:
 
 def measure(service: Service, load: Load, client_cpu: int | None) -> dict[str, Any]:
     """One wrk run against `service`, with the CPU the service used meanwhile."""
-    before = service.cpu_seconds()
+    user_before, kernel_before = service.cpu_times()
     report = run_wrk(load, client_cpu)
-    used = service.cpu_seconds() - before
+    user_after, kernel_after = service.cpu_times()
+    user, kernel = user_after - user_before, kernel_after - kernel_before
+    used = user + kernel
     seconds = report["duration_us"] / 1e6
     requests = report["requests"]
     errors = sum(
@@ -342,6 +345,9 @@ def measure(service: Service, load: Load, client_cpu: int | None) -> dict[str, A
         "p99_ms": report["p99_us"] / 1000,
         "cpu_s": used,
         "cpu_s_per_1k": used / requests * 1000 if requests else 0.0,
+        # The split says where to cut: Python and C in the process, or system calls.
+        "user_s_per_1k": user / requests * 1000 if requests else 0.0,
+        "kernel_s_per_1k": kernel / requests * 1000 if requests else 0.0,
         "cores": used / seconds if seconds else 0.0,
         "errors": errors,
     }

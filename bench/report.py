@@ -16,6 +16,7 @@ COLUMNS = (
     ("+p90 ms", "p90_added_ms", "{:+.2f}"),
     ("+p99 ms", "p99_added_ms", "{:+.2f}"),
     ("CPU s / 1k req", "cpu_s_per_1k", "{:.3f}"),
+    ("of it user", "user_s_per_1k", "{:.3f}"),
     ("cores @ paced", "cores_at_paced", "{:.3f}"),
     ("paced req/s", "paced_rps", "{:,.0f}"),
     ("RSS idle MiB", "idle_rss_mib", "{:.1f}"),
