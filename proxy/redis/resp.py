@@ -149,9 +149,13 @@ class _Connection(asyncio.Protocol):
         try:
             return await waiter
         except asyncio.CancelledError:
-            # Given up mid-command: the reply may still come, or the server may be stalled.
-            self.close()
+            self.gave_up()
             raise
+
+    def gave_up(self) -> None:
+        """A caller gave up mid-command: the reply may still come, or the server may be
+        stalled; either way the connection is not trusted with another command."""
+        self.close()
 
     def close(self) -> None:
         if self._watchdog is not None:
@@ -206,11 +210,18 @@ class RespClient:
         return await self.call(pack(args))
 
     async def call(self, command: bytes, deadline: float | None = None) -> Any:
-        """A command packed by `pack`, answered by `deadline` (loop time) or TimeoutError."""
-        connection = await self._connection(deadline)
+        """A command packed by `pack`, answered by `deadline` (loop time) or TimeoutError.
+
+        The one coroutine per command: an open connection is taken and its reply awaited
+        here, not in nested coroutines, because every level is created per command and
+        resumed again when the reply wakes the caller (two commands per keyed request)."""
         end = math.inf if deadline is None else deadline
+        connection = self._open() or await self._connection(deadline)
         try:
-            return await connection.call(command, end)
+            return await connection.send(command, end)
+        except asyncio.CancelledError:
+            connection.gave_up()
+            raise
         except RespConnectionError:
             if not connection.answered:
                 raise
@@ -227,15 +238,25 @@ class RespClient:
             elif not slot.cancelled() and slot.exception() is None:
                 slot.result().close()
 
+    def _open(self) -> _Connection | None:
+        """The next connection in turn if it is open (the common case: no await, no timer),
+        else None, and `_connection` makes or awaits one for that turn."""
+        index = self._next
+        slot = self._slots[index]
+        if (slot is not None and slot.done() and not slot.cancelled()
+                and slot.exception() is None and not slot.result().closed):
+            self._next = (index + 1) % len(self._slots)
+            return slot.result()
+        return None
+
     async def _connection(self, deadline: float | None = None) -> _Connection:
+        connection = self._open()
+        if connection is not None:
+            return connection
         index = self._next
         self._next = (index + 1) % len(self._slots)
         slot = self._slots[index]
-        if slot is not None and slot.done() and not slot.cancelled():
-            if slot.exception() is None and not slot.result().closed:
-                return slot.result()  # the common case: no await, no timer
-            slot = None
-        if slot is None:
+        if slot is None or slot.done():  # none yet, or one that failed or closed
             slot = self._slots[index] = asyncio.ensure_future(self._connect())
         # Shielded: a caller that gives up does not cancel the connect others wait for.
         if deadline is None:
