@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from proxy.config import Limits, UpstreamHost
 from proxy.http import body
@@ -139,17 +139,20 @@ async def _relay(
     ctx: RequestContext, upstream: UpstreamResponse, write_timeout: float
 ) -> StreamResponse:
     bad_head = response_head_problem(upstream.headers)
-    chunks = upstream.chunks()
-    try:
-        # The first body bytes are read before any header goes out, so a malformed or stalled
-        # start of the body still gets a clean problem answer instead of a cut connection.
-        first = b"" if bad_head else await anext(chunks, b"")
-    except UpstreamError as exc:
-        upstream.release()
-        return _failed(ctx, exc)
     if bad_head:
         upstream.release()
         return _failed(ctx, UpstreamBroken(f"upstream response rejected: {bad_head}"))
+    chunks: AsyncIterator[bytes] | None = None  # None: the whole body came at once
+    first = upstream.whole_body()
+    if first is None:
+        chunks = upstream.chunks()
+        try:
+            # The first body bytes are read before any header goes out, so a malformed or
+            # stalled start of the body still gets a clean problem answer, not a cut connection.
+            first = await anext(chunks, b"")
+        except UpstreamError as exc:
+            upstream.release()
+            return _failed(ctx, exc)
     reason = upstream.reason
     if _BAD_REASON.search(reason):
         # The reason phrase carries no meaning (RFC 9112 §4: clients ignore it): the status's
@@ -173,7 +176,7 @@ async def _relay(
     tap = ctx.tap
     if tap is not None:
         tap.start(upstream.status, relayed)
-    if not first or len(first) == upstream.content_length:
+    if chunks is None or not first or len(first) == upstream.content_length:
         # The whole body is here: head and body leave in one write, under one deadline (or
         # none, when the write cannot wait for the client).
         upstream.release()  # read to the end: back to the pool, not held over the commit
