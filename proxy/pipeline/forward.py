@@ -101,18 +101,19 @@ def handler(
     return forward
 
 
-def _aborter(ctx: RequestContext) -> Callable[[], None]:
+def _aborter(ctx: RequestContext) -> Callable[[], bool]:
     """What the server calls if the client goes away during an exchange nobody will store: the
-    upstream exchange is cancelled (its connection closed), as nginx does with
-    proxy_ignore_client_abort off, instead of keeping the upstream busy for no one. A claimed
-    request is left running so its outcome is recorded."""
-    task = asyncio.current_task()
+    upstream exchange is cancelled (its connection closed: the server cancels the request's
+    task when this returns True), as nginx does with proxy_ignore_client_abort off, instead of
+    keeping the upstream busy for no one. A claimed request is left running so its outcome is
+    recorded."""
 
-    def abort() -> None:
-        if task is not None and not ctx.client_disconnected:
-            ctx.client_disconnected = True
-            ctx.error_type = ctx.error_type or "client_disconnect"
-            task.cancel()
+    def abort() -> bool:
+        if ctx.client_disconnected:
+            return False
+        ctx.client_disconnected = True
+        ctx.error_type = ctx.error_type or "client_disconnect"
+        return True
 
     return abort
 
