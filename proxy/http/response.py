@@ -58,6 +58,23 @@ def _wire(text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")
 
 
+def _fields(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+    """The status line and the headers' lines. Almost always one str and one encode: a CR or
+    LF anywhere would add to the line breaks counted here, and text latin-1 cannot hold fails
+    the encode; either sends it to the text-by-text path, which refuses or re-encodes it."""
+    lines = [f"HTTP/1.1 {status:d} {reason}", *map(": ".join, headers.items()), ""]
+    text = "\r\n".join(lines)
+    breaks = len(lines) - 1
+    if text.count("\n") == breaks and text.count("\r") == breaks:
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            pass
+    fields = [b"HTTP/1.1 %d %s\r\n" % (status, _wire(reason))]
+    fields.extend(b"%s: %s\r\n" % (_wire(name), _wire(value)) for name, value in headers.items())
+    return b"".join(fields)
+
+
 def reason_for(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -107,8 +124,7 @@ class StreamResponse:
             # A body still arriving is not read to its end: the server closes after this
             # answer, and says so (a client waiting on 100-continue then sends nothing).
             self.keep_alive = False
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _wire(self.reason))]
-        lines.extend(b"%s: %s\r\n" % (_wire(name), _wire(value)) for name, value in headers.items())
+        lines = [_fields(status, self.reason, headers)]
         # The framing follows the stages' headers (as aiohttp wrote them).
         if length is not None:
             if status not in _BODILESS and status >= 200:
