@@ -156,6 +156,14 @@ class StreamResponse:
         head, self._head = self._head, b""
         return head + data if head else data
 
+    def encode_whole(self, request: Request, body: bytes) -> bytes:
+        """The whole response, head and `body`, as bytes for `request` (marks it sent): for a
+        caller that writes it at once itself."""
+        self._request = request
+        self.prepared = self.finished = True
+        self._head = self._encode_head(request)
+        return self._frame(body, last=True)
+
     async def write(self, data: bytes) -> None:
         request = self._request
         if request is None or request.channel is None:
@@ -190,10 +198,7 @@ class Response(StreamResponse):
 
     def encode(self, request: Request) -> bytes:
         """The whole response as bytes for `request`, head and body (marks it sent)."""
-        self._request = request
-        self.prepared = self.finished = True
-        self._head = self._encode_head(request)
-        return self._frame(self.body, last=True)
+        return self.encode_whole(request, self.body)
 
     async def send(self, request: Request) -> None:
         channel = request.channel

@@ -96,6 +96,11 @@ async def flushed(request: Request, timeout: float) -> bool:
     return True
 
 
+def _holds_unsent(request: Request) -> bool:
+    transport = request.transport
+    return transport is not None and bool(transport.get_write_buffer_size())
+
+
 def _bounded(value: str | None) -> str | None:
     return value if value is None or len(value) <= MAX_FIELD else value[:MAX_FIELD]
 
@@ -122,7 +127,11 @@ class AccessLog:
             try:
                 response = await next_handler(ctx)
                 # duration_ms ends when the kernel took the last byte, not when it was queued.
-                if response.prepared and not await flushed(ctx.request, self.write_timeout):
+                if (
+                    response.prepared
+                    and _holds_unsent(ctx.request)  # rarely: no coroutine for the usual case
+                    and not await flushed(ctx.request, self.write_timeout)
+                ):
                     ctx.error_type = ctx.error_type or "client_write_timeout"
                 return response
             except asyncio.CancelledError:

@@ -26,7 +26,7 @@ from proxy.http.headers import (
     response_head_problem,
 )
 from proxy.http.problem import problem, retry_after
-from proxy.http.request import Request
+from proxy.http.request import Channel, Request
 from proxy.http.response import Response, StreamResponse, reason_for
 from proxy.upstream.targets import Upstream, served_by
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
@@ -185,8 +185,13 @@ async def _relay(
             if first:
                 tap.feed(first)
             await tap.commit()  # before the response leaves (see BodyTap.commit)
-        limit = None if _sends_at_once(ctx, head_size + len(first)) else write_timeout
-        if await _deliver(ctx, _send_whole(response, ctx.request, first), limit):
+        channel = _sends_at_once(ctx, head_size + len(first))
+        if channel is not None:
+            # Nothing to wait for: written here, without a coroutine per step or a deadline.
+            sent = _write_now(ctx, channel, response.encode_whole(ctx.request, first))
+        else:
+            sent = await _deliver(ctx, _send_whole(response, ctx.request, first), write_timeout)
+        if sent:
             ctx.response_body_size = len(first)
         return response
     writing = await _deliver(ctx, response.prepare(ctx.request), write_timeout)
@@ -226,17 +231,30 @@ async def _send_whole(response: StreamResponse, request: Request, body: bytes) -
     await response.write_eof(body)
 
 
-def _sends_at_once(ctx: RequestContext, size: int) -> bool:
-    """Whether `size` bytes reach the kernel without waiting for the client. asyncio's flow
-    control makes a writer wait only while its transport holds more than the high-water mark, so
-    with nothing held and `size` under the mark the send cannot block (and needs no deadline,
-    whose timer costs more than the send on Python 3.11)."""
-    transport = ctx.request.transport
-    return (
+def _sends_at_once(ctx: RequestContext, size: int) -> Channel | None:
+    """The client's channel if `size` bytes reach the kernel without waiting for the client,
+    else None. asyncio's flow control makes a writer wait only while its transport holds more
+    than the high-water mark, so with nothing held and `size` under the mark the send cannot
+    block (and needs no deadline, whose timer costs more than the send on Python 3.11)."""
+    channel = ctx.request.channel
+    transport = None if channel is None else channel.transport
+    if (
         transport is not None
         and not transport.get_write_buffer_size()
         and size <= transport.get_write_buffer_limits()[1]
-    )
+    ):
+        return channel
+    return None
+
+
+def _write_now(ctx: RequestContext, channel: Channel, data: bytes) -> bool:
+    """Hand `data` to a channel that cannot make us wait (see _sends_at_once)."""
+    try:
+        channel.write(data)
+    except (ConnectionError, OSError):
+        ctx.client_disconnected = True
+        return False
+    return True
 
 
 async def _deliver(
