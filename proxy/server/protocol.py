@@ -198,7 +198,10 @@ class HttpProtocol(ClientConnection):
         self._task = self.loop.create_task(self._handle(request))
 
     async def _handle(self, request: Request) -> None:
-        response = await self.server.respond(request)
+        try:
+            response = await self.server.plane(request)
+        except Exception as exc:
+            response = self.server.unhandled(exc)
         try:
             if not response.prepared:
                 if isinstance(response, Response):
