@@ -48,7 +48,7 @@ class HeadInjection(ValueError):
 def _wire(text: str) -> bytes:
     """Header text as bytes: upstream heads are decoded as latin-1 and go back byte for byte;
     text from elsewhere (a config value) that latin-1 cannot hold goes as UTF-8. A CR or LF
-    (which upstream heads cannot carry: proxy.http.headers.response_head_problem) would split
+    (which upstream heads cannot carry: proxy.http.headers.relay_headers) would split
     the response, so it is refused; the server then resets the connection."""
     if "\r" in text or "\n" in text:
         raise HeadInjection(f"CR or LF in response head text {text[:40]!r}")

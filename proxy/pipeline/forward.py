@@ -22,19 +22,16 @@ from proxy.http.headers import (
     UNTRUSTED_FORWARDING,
     ForwardingRules,
     Networks,
-    downstream_response_headers,
-    response_head_problem,
+    relay_headers,
 )
 from proxy.http.problem import problem, retry_after
-from proxy.http.request import Channel, Request
+from proxy.http.request import Channel
 from proxy.http.response import Response, StreamResponse, reason_for
 from proxy.upstream.targets import Upstream, served_by
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 
 # Expect is answered by the proxy itself; the upstream never sees it.
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
-# The status line and the headers the server adds (Date, Content-Length, Connection), generously.
-_HEAD_OVERHEAD = 256
 
 
 # RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ); anything else (a CTL)
@@ -139,8 +136,8 @@ def body_problem(ctx: RequestContext, error: body.BodyError) -> Response:
 async def _relay(
     ctx: RequestContext, upstream: UpstreamResponse, write_timeout: float
 ) -> StreamResponse:
-    bad_head = response_head_problem(upstream.headers)
-    if bad_head:
+    relayed, bad_head = relay_headers(upstream.headers)
+    if bad_head is not None:
         upstream.release()
         return _failed(ctx, UpstreamBroken(f"upstream response rejected: {bad_head}"))
     chunks: AsyncIterator[bytes] | None = None  # None: the whole body came at once
@@ -161,14 +158,12 @@ async def _relay(
         reason = reason_for(upstream.status)
     # No Content-Type is invented for an untyped body (RFC 9110 §8.3 leaves sniffing or
     # assuming one to the recipient).
-    response = StreamResponse(status=upstream.status, reason=reason)
-    relayed = downstream_response_headers(upstream.headers)
-    head_size = _HEAD_OVERHEAD + len(ctx.trace_id)
-    for name, value in (*relayed, *ctx.response_headers):
-        response.headers.add(name, value)
-        head_size += len(name) + len(value) + 4
-    response.headers["X-Trace-Id"] = ctx.trace_id
-    response.headers.setdefault("Server", SERVER)
+    response = StreamResponse(status=upstream.status, reason=reason, headers=relayed)
+    headers = response.headers
+    if ctx.response_headers:
+        headers.extend(ctx.response_headers)
+    headers["X-Trace-Id"] = ctx.trace_id
+    headers.setdefault("Server", SERVER)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     if ctx.close_connection:
@@ -185,12 +180,15 @@ async def _relay(
             if first:
                 tap.feed(first)
             await tap.commit()  # before the response leaves (see BodyTap.commit)
-        channel = _sends_at_once(ctx, head_size + len(first))
-        if channel is not None:
-            # Nothing to wait for: written here, without a coroutine per step or a deadline.
-            sent = _write_now(ctx, channel, response.encode_whole(ctx.request, first))
+        channel = ctx.request.channel
+        if channel is None:
+            raise RuntimeError("the response needs the request's connection")
+        data = response.encode_whole(ctx.request, first)
+        if _sends_at_once(channel, len(data)):
+            # Nothing to wait for: written here, without a coroutine or a deadline.
+            sent = _write_now(ctx, channel, data)
         else:
-            sent = await _deliver(ctx, _send_whole(response, ctx.request, first), write_timeout)
+            sent = await _deliver(ctx, _send(channel, data), write_timeout)
         if sent:
             ctx.response_body_size = len(first)
         return response
@@ -226,25 +224,22 @@ async def _relay(
     return response
 
 
-async def _send_whole(response: StreamResponse, request: Request, body: bytes) -> None:
-    await response.prepare(request)
-    await response.write_eof(body)
+async def _send(channel: Channel, data: bytes) -> None:
+    channel.write(data)
+    await channel.drain()
 
 
-def _sends_at_once(ctx: RequestContext, size: int) -> Channel | None:
-    """The client's channel if `size` bytes reach the kernel without waiting for the client,
-    else None. asyncio's flow control makes a writer wait only while its transport holds more
-    than the high-water mark, so with nothing held and `size` under the mark the send cannot
-    block (and needs no deadline, whose timer costs more than the send on Python 3.11)."""
-    channel = ctx.request.channel
-    transport = None if channel is None else channel.transport
-    if (
+def _sends_at_once(channel: Channel, size: int) -> bool:
+    """Whether `size` bytes reach the kernel without waiting for the client. asyncio's flow
+    control makes a writer wait only while its transport holds more than the high-water mark, so
+    with nothing held and `size` under the mark the send cannot block (and needs no deadline,
+    whose timer costs more than the send on Python 3.11)."""
+    transport = channel.transport
+    return (
         transport is not None
         and not transport.get_write_buffer_size()
         and size <= transport.get_write_buffer_limits()[1]
-    ):
-        return channel
-    return None
+    )
 
 
 def _write_now(ctx: RequestContext, channel: Channel, data: bytes) -> bool:
