@@ -94,6 +94,8 @@ SERVER = "idemproxy"
 # RFC 9110 §5.5: field values never contain CTLs other than HTAB; names are tokens.
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Response headers never relayed as they came (the server frames the body itself).
+_NOT_RELAYED = HOP_BY_HOP | FRAMING
 
 
 def connection_tokens(values: Iterable[str]) -> frozenset[str]:
@@ -113,6 +115,11 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], drop: frozenset[str] = 
             connection.append(value)
         elif lowered not in HOP_BY_HOP and lowered not in drop:
             kept.append((name, value, lowered))
+    return _unlisted(kept, connection)
+
+
+def _unlisted(kept: list[tuple[str, str, str]], connection: list[str]) -> Headers:
+    """(name, value) of `kept` (name, value, lower-cased name) but those `connection` lists."""
     if connection:  # rare on requests and responses alike: one pass otherwise
         listed = connection_tokens(connection)
         return [(name, value) for name, value, lowered in kept if lowered not in listed]
@@ -214,34 +221,39 @@ def _forwarded(out: Headers, from_trusted: bool, peer: str, host: str | None) ->
     return out
 
 
-def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    """Headers to relay to the client: hygiene and no upstream framing; Via appended."""
-    out = strip_hop_by_hop(headers, FRAMING)
+def relay_headers(headers: Iterable[tuple[str, str]]) -> tuple[Headers, str | None]:
+    """An upstream response head, in one pass: the headers to relay to the client (hygiene, no
+    upstream framing, Via appended), and why the head must not be relayed at all (None: it
+    may; otherwise no headers come back and the client gets a 502).
+
+    A header the client could not parse safely (a CTL, a bad name) or framing that smuggles
+    (Transfer-Encoding with Content-Length) is caught before the head is relayed, never after
+    the response to the client has begun.
+    """
+    kept: list[tuple[str, str, str]] = []
+    connection: list[str] = []
+    framing: set[str] = set()
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name):
+            return [], f"invalid header name {name!r}"
+        if _BAD_VALUE.search(value):
+            return [], f"control character in the value of {name!r}"
+        lowered = name.lower()
+        if lowered == "connection":
+            connection.append(value)
+        elif lowered in _NOT_RELAYED:
+            if lowered in FRAMING:
+                framing.add(lowered)
+        else:
+            kept.append((name, value, lowered))
+    if framing == FRAMING:
+        return [], "both Transfer-Encoding and Content-Length (RFC 9112 §6.3: a smuggling signal)"
+    out = _unlisted(kept, connection)
     out.append(("Via", VIA))
-    return out
+    return out, None
 
 
 def replay_headers(headers: Iterable[tuple[str, str]], extra: frozenset[str]) -> Headers:
     """The stored subset of a response's headers: the allow-list plus the route's extras."""
     allowed = (REPLAY_ALLOWED | extra) - NEVER_REPLAYED
     return [(k, v) for k, v in headers if k.lower() in allowed]
-
-
-def response_head_problem(headers: Iterable[tuple[str, str]]) -> str | None:
-    """Why an upstream response head must not be relayed (answer 502 instead), or None.
-
-    A header the client could not parse safely (a CTL, a bad name) or framing that smuggles
-    (Transfer-Encoding with Content-Length) is caught before the head is relayed, never after
-    the response to the client has begun.
-    """
-    framing: set[str] = set()
-    for name, value in headers:
-        if not _TOKEN.fullmatch(name):
-            return f"invalid header name {name!r}"
-        if _BAD_VALUE.search(value):
-            return f"control character in the value of {name!r}"
-        if (lowered := name.lower()) in FRAMING:
-            framing.add(lowered)
-    if framing == FRAMING:
-        return "both Transfer-Encoding and Content-Length (RFC 9112 §6.3: a smuggling signal)"
-    return None

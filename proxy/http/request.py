@@ -171,8 +171,9 @@ class Request:
             self.content_length = int(length)
         self.keep_alive = keep_alive
         # Called by the server if the client's connection is lost while this request is being
-        # handled (forward sets it when the exchange may be aborted).
-        self.on_lost: Callable[[], None] | None = None
+        # handled (forward sets it when the exchange may be aborted); True: the server cancels
+        # the handling (it owns the task: asking asyncio for it is a getpid() on Python 3.11).
+        self.on_lost: Callable[[], bool] | None = None
 
     @classmethod
     def unparsed(cls, remote: str) -> Request:

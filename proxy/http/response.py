@@ -48,7 +48,7 @@ class HeadInjection(ValueError):
 def _wire(text: str) -> bytes:
     """Header text as bytes: upstream heads are decoded as latin-1 and go back byte for byte;
     text from elsewhere (a config value) that latin-1 cannot hold goes as UTF-8. A CR or LF
-    (which upstream heads cannot carry: proxy.http.headers.response_head_problem) would split
+    (which upstream heads cannot carry: proxy.http.headers.relay_headers) would split
     the response, so it is refused; the server then resets the connection."""
     if "\r" in text or "\n" in text:
         raise HeadInjection(f"CR or LF in response head text {text[:40]!r}")
@@ -56,6 +56,23 @@ def _wire(text: str) -> bytes:
         return text.encode("latin-1")
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogateescape")
+
+
+def _fields(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+    """The status line and the headers' lines. Almost always one str and one encode: a CR or
+    LF anywhere would add to the line breaks counted here, and text latin-1 cannot hold fails
+    the encode; either sends it to the text-by-text path, which refuses or re-encodes it."""
+    lines = [f"HTTP/1.1 {status:d} {reason}", *map(": ".join, headers.items()), ""]
+    text = "\r\n".join(lines)
+    breaks = len(lines) - 1
+    if text.count("\n") == breaks and text.count("\r") == breaks:
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            pass
+    fields = [b"HTTP/1.1 %d %s\r\n" % (status, _wire(reason))]
+    fields.extend(b"%s: %s\r\n" % (_wire(name), _wire(value)) for name, value in headers.items())
+    return b"".join(fields)
 
 
 def reason_for(status: int) -> str:
@@ -107,8 +124,7 @@ class StreamResponse:
             # A body still arriving is not read to its end: the server closes after this
             # answer, and says so (a client waiting on 100-continue then sends nothing).
             self.keep_alive = False
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _wire(self.reason))]
-        lines.extend(b"%s: %s\r\n" % (_wire(name), _wire(value)) for name, value in headers.items())
+        lines = [_fields(status, self.reason, headers)]
         # The framing follows the stages' headers (as aiohttp wrote them).
         if length is not None:
             if status not in _BODILESS and status >= 200:
@@ -139,6 +155,14 @@ class StreamResponse:
             )
         head, self._head = self._head, b""
         return head + data if head else data
+
+    def encode_whole(self, request: Request, body: bytes) -> bytes:
+        """The whole response, head and `body`, as bytes for `request` (marks it sent): for a
+        caller that writes it at once itself."""
+        self._request = request
+        self.prepared = self.finished = True
+        self._head = self._encode_head(request)
+        return self._frame(body, last=True)
 
     async def write(self, data: bytes) -> None:
         request = self._request
@@ -174,10 +198,7 @@ class Response(StreamResponse):
 
     def encode(self, request: Request) -> bytes:
         """The whole response as bytes for `request`, head and body (marks it sent)."""
-        self._request = request
-        self.prepared = self.finished = True
-        self._head = self._encode_head(request)
-        return self._frame(self.body, last=True)
+        return self.encode_whole(request, self.body)
 
     async def send(self, request: Request) -> None:
         channel = request.channel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from proxy.config import Limits, UpstreamHost
 from proxy.http import body
@@ -22,19 +22,16 @@ from proxy.http.headers import (
     UNTRUSTED_FORWARDING,
     ForwardingRules,
     Networks,
-    downstream_response_headers,
-    response_head_problem,
+    relay_headers,
 )
 from proxy.http.problem import problem, retry_after
-from proxy.http.request import Request
+from proxy.http.request import Channel
 from proxy.http.response import Response, StreamResponse, reason_for
 from proxy.upstream.targets import Upstream, served_by
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamResponse
 
 # Expect is answered by the proxy itself; the upstream never sees it.
 _NOT_FORWARDED = TRACE_CONTEXT | {"expect"}
-# The status line and the headers the server adds (Date, Content-Length, Connection), generously.
-_HEAD_OVERHEAD = 256
 
 
 # RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ); anything else (a CTL)
@@ -101,18 +98,19 @@ def handler(
     return forward
 
 
-def _aborter(ctx: RequestContext) -> Callable[[], None]:
+def _aborter(ctx: RequestContext) -> Callable[[], bool]:
     """What the server calls if the client goes away during an exchange nobody will store: the
-    upstream exchange is cancelled (its connection closed), as nginx does with
-    proxy_ignore_client_abort off, instead of keeping the upstream busy for no one. A claimed
-    request is left running so its outcome is recorded."""
-    task = asyncio.current_task()
+    upstream exchange is cancelled (its connection closed: the server cancels the request's
+    task when this returns True), as nginx does with proxy_ignore_client_abort off, instead of
+    keeping the upstream busy for no one. A claimed request is left running so its outcome is
+    recorded."""
 
-    def abort() -> None:
-        if task is not None and not ctx.client_disconnected:
-            ctx.client_disconnected = True
-            ctx.error_type = ctx.error_type or "client_disconnect"
-            task.cancel()
+    def abort() -> bool:
+        if ctx.client_disconnected:
+            return False
+        ctx.client_disconnected = True
+        ctx.error_type = ctx.error_type or "client_disconnect"
+        return True
 
     return abort
 
@@ -138,18 +136,21 @@ def body_problem(ctx: RequestContext, error: body.BodyError) -> Response:
 async def _relay(
     ctx: RequestContext, upstream: UpstreamResponse, write_timeout: float
 ) -> StreamResponse:
-    bad_head = response_head_problem(upstream.headers)
-    chunks = upstream.chunks()
-    try:
-        # The first body bytes are read before any header goes out, so a malformed or stalled
-        # start of the body still gets a clean problem answer instead of a cut connection.
-        first = b"" if bad_head else await anext(chunks, b"")
-    except UpstreamError as exc:
-        upstream.release()
-        return _failed(ctx, exc)
-    if bad_head:
+    relayed, bad_head = relay_headers(upstream.headers)
+    if bad_head is not None:
         upstream.release()
         return _failed(ctx, UpstreamBroken(f"upstream response rejected: {bad_head}"))
+    chunks: AsyncIterator[bytes] | None = None  # None: the whole body came at once
+    first = upstream.whole_body()
+    if first is None:
+        chunks = upstream.chunks()
+        try:
+            # The first body bytes are read before any header goes out, so a malformed or
+            # stalled start of the body still gets a clean problem answer, not a cut connection.
+            first = await anext(chunks, b"")
+        except UpstreamError as exc:
+            upstream.release()
+            return _failed(ctx, exc)
     reason = upstream.reason
     if _BAD_REASON.search(reason):
         # The reason phrase carries no meaning (RFC 9112 §4: clients ignore it): the status's
@@ -157,14 +158,12 @@ async def _relay(
         reason = reason_for(upstream.status)
     # No Content-Type is invented for an untyped body (RFC 9110 §8.3 leaves sniffing or
     # assuming one to the recipient).
-    response = StreamResponse(status=upstream.status, reason=reason)
-    relayed = downstream_response_headers(upstream.headers)
-    head_size = _HEAD_OVERHEAD + len(ctx.trace_id)
-    for name, value in (*relayed, *ctx.response_headers):
-        response.headers.add(name, value)
-        head_size += len(name) + len(value) + 4
-    response.headers["X-Trace-Id"] = ctx.trace_id
-    response.headers.setdefault("Server", SERVER)
+    response = StreamResponse(status=upstream.status, reason=reason, headers=relayed)
+    headers = response.headers
+    if ctx.response_headers:
+        headers.extend(ctx.response_headers)
+    headers["X-Trace-Id"] = ctx.trace_id
+    headers.setdefault("Server", SERVER)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     if ctx.close_connection:
@@ -173,7 +172,7 @@ async def _relay(
     tap = ctx.tap
     if tap is not None:
         tap.start(upstream.status, relayed)
-    if not first or len(first) == upstream.content_length:
+    if chunks is None or not first or len(first) == upstream.content_length:
         # The whole body is here: head and body leave in one write, under one deadline (or
         # none, when the write cannot wait for the client).
         upstream.release()  # read to the end: back to the pool, not held over the commit
@@ -181,8 +180,16 @@ async def _relay(
             if first:
                 tap.feed(first)
             await tap.commit()  # before the response leaves (see BodyTap.commit)
-        limit = None if _sends_at_once(ctx, head_size + len(first)) else write_timeout
-        if await _deliver(ctx, _send_whole(response, ctx.request, first), limit):
+        channel = ctx.request.channel
+        if channel is None:
+            raise RuntimeError("the response needs the request's connection")
+        data = response.encode_whole(ctx.request, first)
+        if _sends_at_once(channel, len(data)):
+            # Nothing to wait for: written here, without a coroutine or a deadline.
+            sent = _write_now(ctx, channel, data)
+        else:
+            sent = await _deliver(ctx, _send(channel, data), write_timeout)
+        if sent:
             ctx.response_body_size = len(first)
         return response
     writing = await _deliver(ctx, response.prepare(ctx.request), write_timeout)
@@ -217,22 +224,32 @@ async def _relay(
     return response
 
 
-async def _send_whole(response: StreamResponse, request: Request, body: bytes) -> None:
-    await response.prepare(request)
-    await response.write_eof(body)
+async def _send(channel: Channel, data: bytes) -> None:
+    channel.write(data)
+    await channel.drain()
 
 
-def _sends_at_once(ctx: RequestContext, size: int) -> bool:
+def _sends_at_once(channel: Channel, size: int) -> bool:
     """Whether `size` bytes reach the kernel without waiting for the client. asyncio's flow
     control makes a writer wait only while its transport holds more than the high-water mark, so
     with nothing held and `size` under the mark the send cannot block (and needs no deadline,
     whose timer costs more than the send on Python 3.11)."""
-    transport = ctx.request.transport
+    transport = channel.transport
     return (
         transport is not None
         and not transport.get_write_buffer_size()
         and size <= transport.get_write_buffer_limits()[1]
     )
+
+
+def _write_now(ctx: RequestContext, channel: Channel, data: bytes) -> bool:
+    """Hand `data` to a channel that cannot make us wait (see _sends_at_once)."""
+    try:
+        channel.write(data)
+    except (ConnectionError, OSError):
+        ctx.client_disconnected = True
+        return False
+    return True
 
 
 async def _deliver(

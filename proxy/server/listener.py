@@ -132,17 +132,16 @@ class DataServer:
 
     # --- requests -----------------------------------------------------------------------
 
-    async def respond(self, request: Request) -> StreamResponse:
-        """The data plane's answer; a failure that escaped every stage is a 500 and a close."""
-        try:
-            return await self.plane(request)
-        except Exception as exc:
-            trace_id = tracing.new_trace_id()
-            self.failed(exc, trace_id)
-            response = problem(ProblemType.INTERNAL_ERROR,
-                               "the proxy failed while handling this request", trace_id)
-            response.force_close()
-            return response
+    def unhandled(self, exc: Exception) -> Response:
+        """The answer when a failure escaped every stage of the data plane: a 500 and a close.
+        (The protocol awaits the plane itself: a wrapper coroutine here would be one more level
+        resumed on every wake-up of every request.)"""
+        trace_id = tracing.new_trace_id()
+        self.failed(exc, trace_id)
+        response = problem(ProblemType.INTERNAL_ERROR,
+                           "the proxy failed while handling this request", trace_id)
+        response.force_close()
+        return response
 
     def failed(self, exc: Exception, trace_id: str | None = None) -> None:
         """A failure no stage handled (a bug): said in an `unhandled_error` event."""

@@ -115,9 +115,11 @@ class HttpProtocol(ClientConnection):
             if request is not None and request.content is not None:
                 request.content.fail(gone)
         self._queue.clear()
-        current = self._current
-        if current is not None and current.on_lost is not None:
-            current.on_lost()
+        current, task = self._current, self._task
+        if current is None or task is None or current.on_lost is None:
+            return
+        if current.on_lost():
+            task.cancel()  # the stage that set on_lost decided: the upstream exchange stops
 
     # --- httptools callbacks ----------------------------------------------------------
 
@@ -196,7 +198,10 @@ class HttpProtocol(ClientConnection):
         self._task = self.loop.create_task(self._handle(request))
 
     async def _handle(self, request: Request) -> None:
-        response = await self.server.respond(request)
+        try:
+            response = await self.server.plane(request)
+        except Exception as exc:
+            response = self.server.unhandled(exc)
         try:
             if not response.prepared:
                 if isinstance(response, Response):

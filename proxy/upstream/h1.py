@@ -59,6 +59,9 @@ class _Response:
     def chunks(self) -> AsyncIterator[bytes]:
         return self._conn.chunks()
 
+    def whole_body(self) -> bytes | None:
+        return self._conn.whole_body()
+
     def release(self) -> None:
         timer = self._timer
         if timer is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable
 
 from proxy.config import SAFE_METHODS, Retries
 from proxy.http.context import (
@@ -39,10 +40,11 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 def exchange(upstream: Upstream, policy: Retries | None) -> Exchange:
-    async def once(
+    def once(
         ctx: RequestContext, method: str, target: str, headers: Headers, body: Payload
-    ) -> UpstreamResponse:
-        return await upstream.send(method, target, headers, body)
+    ) -> Awaitable[UpstreamResponse]:
+        # Returns the attempt for the caller to await: no coroutine level of its own.
+        return upstream.send(method, target, headers, body)
 
     if policy is None or policy.attempts < 2:
         return once

@@ -79,6 +79,10 @@ class _Judged:
             return self._response.chunks()
         return self._judged_chunks()
 
+    def whole_body(self) -> bytes | None:
+        # A body that has all arrived cannot fail any more: no verdict to keep.
+        return self._response.whole_body()
+
     async def _judged_chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.chunks():

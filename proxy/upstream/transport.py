@@ -54,6 +54,11 @@ class UpstreamResponse(Protocol):
         """The body as it arrives; raises UpstreamError subclasses on failure."""
         ...
 
+    def whole_body(self) -> bytes | None:
+        """The whole body when it has already arrived in one piece (taken: chunks() then
+        yields nothing more), else None. Never waits, never fails."""
+        ...
+
     def release(self) -> None:
         """Return the connection to the pool (body fully read) or close it (otherwise)."""
         ...

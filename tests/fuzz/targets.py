@@ -65,12 +65,13 @@ def check_header_filters(peer: str, items: list[tuple[str, str]]) -> None:
         assert "forwarded" not in names
         assert "x-real-ip" not in names
 
-    downstream = headers.downstream_response_headers(items)
+    downstream, problem = headers.relay_headers(items)
     assert not {k.lower() for k, _ in downstream} & (headers.HOP_BY_HOP | headers.FRAMING)
-
-    problem = headers.response_head_problem(items)
     if problem is None:
         assert all("\r" not in v and "\n" not in v and "\x00" not in v for _, v in items)
+        assert downstream[-1] == ("Via", headers.VIA)
+    else:
+        assert downstream == []  # a refused head relays nothing
 
     if not headers.is_trusted(peer, TRUSTED):
         own = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}

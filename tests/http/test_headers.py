@@ -5,7 +5,7 @@ import pytest
 from proxy.http.headers import (
     client_address,
     connection_tokens,
-    downstream_response_headers,
+    relay_headers,
     replay_headers,
     strip_hop_by_hop,
     untrusted_forwarding,
@@ -132,13 +132,26 @@ def test_configured_names_are_removed_too() -> None:
 
 
 def test_downstream_headers_drop_framing_and_hop_by_hop() -> None:
-    upstream = [("Transfer-Encoding", "chunked"), ("Content-Length", "5"), ("Connection", "X-A"),
+    upstream = [("Transfer-Encoding", "chunked"), ("Connection", "X-A"),
                 ("X-A", "1"), ("Keep-Alive", "timeout=5"), ("Content-Type", "text/plain"),
                 ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
-    assert downstream_response_headers(upstream) == [
+    assert relay_headers(upstream) == ([
         ("Content-Type", "text/plain"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
         ("Via", "1.1 idemproxy"),
-    ]
+    ], None)
+    assert relay_headers([("Content-Length", "5"), *upstream[1:]])[0][-1] == ("Via", "1.1 idemproxy")
+
+
+@pytest.mark.parametrize(
+    ("field", "why"),
+    [(("Content-Length", "5"), "smuggling"), (("X-A", "a\r\nb"), "control character"),
+     (("X A", "1"), "invalid header name"), (("X-A", "a\x00b"), "control character")],
+)
+def test_a_head_the_client_could_misread_is_not_relayed(field: tuple[str, str], why: str) -> None:
+    upstream = [("Transfer-Encoding", "chunked"), ("Content-Type", "text/plain"), field]
+    relayed, problem = relay_headers(upstream)
+    assert relayed == []
+    assert problem is not None and why in problem
 
 
 def test_replay_allow_list_and_extras_never_include_cookies_or_dates() -> None:

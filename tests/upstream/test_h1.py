@@ -161,6 +161,23 @@ async def test_content_length_response_and_reuse(raw: ScriptedUpstream, h1: Make
     assert raw.connections == 1
 
 
+async def test_a_body_that_came_with_its_head_is_taken_whole(
+    raw: ScriptedUpstream, h1: MakeTransport
+) -> None:
+    raw.answer(OK_HELLO)  # one write: the head and the body arrive together
+    raw.answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    transport = h1(raw.url)
+    response = await transport.send("GET", "/", [], None)
+    assert response.whole_body() == b"hello"
+    assert await read_all(response) == b""  # taken: nothing is yielded twice
+    two_chunks = await transport.send("GET", "/", [], None)
+    assert two_chunks.whole_body() is None  # more than one piece: streamed, nothing taken
+    assert await read_all(two_chunks) == b"abcde"
+    assert raw.connections == 1
+
+
 async def test_chunked_response_is_decoded_and_reused(raw: ScriptedUpstream, h1: MakeTransport) -> None:
     raw.answer(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
