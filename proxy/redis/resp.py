@@ -74,7 +74,10 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._pending: deque[asyncio.Future[Any]] = deque()
         self._deadlines: deque[float] = deque()  # of the pending commands, in the same order
-        self._watchdog: asyncio.TimerHandle | None = None
+        # The watchdog and when it fires. uvloop's call_at returns a plain Handle, which has no
+        # when(), for a deadline already past: the time is kept here.
+        self._watchdog: asyncio.Handle | None = None
+        self._watchdog_at = math.inf
         self._transport: asyncio.Transport | None = None
         # Commands sent during one pass of the event loop, written together at its end: one
         # write system call for all the requests that reached Redis in that pass.
@@ -112,12 +115,12 @@ class _Connection(asyncio.Protocol):
         waiter = self._loop.create_future()
         self._pending.append(waiter)
         self._deadlines.append(deadline)
-        watchdog = self._watchdog
-        if deadline != math.inf and (watchdog is None or deadline < watchdog.when()):
-            # Armed for a later deadline (a caller with a longer budget): move it earlier.
-            if watchdog is not None:
-                watchdog.cancel()
-            self._watchdog = self._loop.call_at(deadline, self._check)
+        if deadline < self._watchdog_at:
+            # Unarmed, or armed for a later deadline (a caller with a longer budget): move it
+            # earlier.
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._arm(deadline)
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(command)
@@ -132,17 +135,20 @@ class _Connection(asyncio.Protocol):
     def _check(self) -> None:
         """The watchdog: fails the overdue commands (and gives the connection up, as for a
         caller that gave up), or re-arms at the earliest deadline still pending."""
-        self._watchdog = None
+        self._watchdog, self._watchdog_at = None, math.inf
         now = self._loop.time()
         earliest = min(self._deadlines, default=math.inf)
         if earliest > now:
             if earliest != math.inf:
-                self._watchdog = self._loop.call_at(earliest, self._check)
+                self._arm(earliest)
             return
         for waiter, deadline in zip(self._pending, self._deadlines, strict=True):
             if deadline <= now and not waiter.done():
                 waiter.set_exception(TimeoutError("redis did not answer by the deadline"))
         self._fail("a command timed out: the server stalled or is too slow")
+
+    def _arm(self, deadline: float) -> None:
+        self._watchdog, self._watchdog_at = self._loop.call_at(deadline, self._check), deadline
 
     async def call(self, command: bytes, deadline: float = math.inf) -> Any:
         waiter = self.send(command, deadline)
@@ -160,7 +166,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-            self._watchdog = None
+            self._watchdog, self._watchdog_at = None, math.inf
         if not self.closed:
             self.closed = True
             if self._transport is not None:

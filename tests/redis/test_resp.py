@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import uvloop
 
 from proxy.redis.resp import Lead, RespClient, RespConnectionError, RespError, pack
 from tests.support.faults import refusing_url, unanswered_url
@@ -102,6 +103,40 @@ async def test_a_server_speaking_garbage_is_cut_off() -> None:
     try:
         with pytest.raises(RespConnectionError, match="protocol error"):
             await resp.execute("PING")
+    finally:
+        await resp.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_deadline_already_past_fails_its_command_and_not_the_next_call() -> None:
+    """A caller whose budget ran out before its command was sent (a stalled store ate it), and
+    another command in the same pass of the loop: the first times out, the second goes on (on a
+    fresh connection, the stalled one given up). On uvloop, the product's loop, a past deadline
+    is armed as a plain Handle without when(); reading it once turned the second command into
+    an AttributeError (a 500)."""
+    uvloop.run(_past_deadline_then_another_command())
+
+
+async def _past_deadline_then_another_command() -> None:
+    ping = pack(("PING",))
+
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(ping))
+        writer.write(b"+PONG\r\n")  # the first command on each connection, then silence
+        await reader.read()
+
+    server = await asyncio.start_server(answers_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    resp = RespClient("127.0.0.1", port, connect_timeout=1.0, connections=1)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await resp.call(ping) == b"PONG"  # the connection is open and has answered
+        overdue = asyncio.ensure_future(resp.call(ping, loop.time() - 1.0))
+        later = asyncio.ensure_future(resp.call(ping, loop.time() + 5.0))
+        with pytest.raises(TimeoutError):
+            await overdue
+        assert await asyncio.wait_for(later, 2) == b"PONG"
     finally:
         await resp.close()
         server.close()
