@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint docs bench bench-curves bench-profile clean
+.PHONY: run test test-fast lint docs bench bench-baseline bench-curves bench-profile clean
 
 $(BIN)/idemproxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ docs: $(BIN)/idemproxy
 
 bench: $(BIN)/idemproxy
 	$(BIN)/python -m bench
+
+# `make bench` with the code issue 18's targets were set against (2026-11-28) measured in the same
+# rounds: a git worktree of BASELINE_REV with its own venv, then a "baseline (same run)" column.
+BASELINE_REV ?= 44e2461
+BASELINE_DIR ?= .bench-baseline
+bench-baseline: $(BIN)/idemproxy
+	test -d $(BASELINE_DIR) || git worktree add --detach $(BASELINE_DIR) $(BASELINE_REV)
+	test -x $(BASELINE_DIR)/.venv/bin/python || \
+	  ($(PYTHON) -m venv $(BASELINE_DIR)/.venv && \
+	   $(BASELINE_DIR)/.venv/bin/pip install --quiet -e $(BASELINE_DIR))
+	$(BIN)/python -m bench --baseline $(BASELINE_DIR)
 
 # Where a pass-through request's CPU goes, stage by stage (py-spy; the README's budget table).
 bench-profile: $(BIN)/idemproxy

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="", help="comma-separated mode names or prefixes")
     parser.add_argument(
         "--baseline",
-        type=Path,
+        type=lambda path: Path(path).resolve(),  # the baseline's processes run in it
         default=None,
         help="another checkout of idemproxy with its own .venv (e.g. the commit the targets "
         "were set against), measured in the same run; the TARGETS table shows both",
