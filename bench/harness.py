@@ -257,12 +257,18 @@ http {{
 
 
 def idemproxy_config(
-    upstream: Service, *, store_url: str = "memory://", workers: int = 1, sized: bool = True
+    upstream: Service | str,
+    *,
+    store_url: str = "memory://",
+    workers: int = 1,
+    sized: bool = True,
 ) -> dict[str, Any]:
     """Pass-through on `/`, an idempotent POST route on `/idem` (only for one process or a
-    shared store: workers share no memory); observability as shipped. `sized: False` leaves the
-    memory store's bounds at their defaults (an older build without `store.max_bytes`)."""
-    app: dict[str, Any] = {"url": upstream.url, "connect_timeout": "2s", "timeout": "30s"}
+    shared store: workers share no memory); observability as shipped. `upstream` is a started
+    service or its URL. `sized: False` leaves the memory store's bounds at their defaults (an
+    older build without `store.max_bytes`)."""
+    url = upstream if isinstance(upstream, str) else upstream.url
+    app: dict[str, Any] = {"url": url, "connect_timeout": "2s", "timeout": "30s"}
     idempotent = {
         "name": "idem",
         "match": {"path_prefix": "/idem", "methods": ["POST"]},

@@ -5,6 +5,8 @@ table judged from canned figures."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 
 from bench import stage_profile
 from bench.__main__ import all_modes, main
+from bench.harness import Lab
 from bench.targets import BASELINE, TARGETS, Verdict, evaluate, markdown
 
 runs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="the benchmark needs wrk")
@@ -75,6 +78,23 @@ def test_quick_idle_curve_measures_each_count_with_its_connections_held(
     cells = [cell.strip() for cell in rows[0].split("|")[1:-1]]
     assert cells[1].endswith(" µs") and float(cells[1].split()[0]) > 0  # CPU per request
     assert cells[-1] == "0"  # errors: no held connection was refused or closed under the load
+
+
+@pytest.mark.slow
+def test_the_instruction_counter_drives_both_planes_to_the_end(tmp_path: Path) -> None:
+    """bench.instructions runs its driver under callgrind; here without it, so the driver
+    cannot rot unnoticed where valgrind is not installed (it answers every request it sends)."""
+    lab = Lab(tmp_path)
+    try:
+        upstream = lab.upstream(cpu=0)
+        for mode in ("idemproxy", "floor"):
+            subprocess.run(
+                [sys.executable, "-m", "bench.instructions", "--drive", mode, upstream.url, "50"],
+                check=True,
+                timeout=60,
+            )
+    finally:
+        lab.stop_all()
 
 
 def test_an_unknown_curve_is_a_usage_error() -> None:
