@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     url = service.url + mode.path
                     shape = {"method": mode.method, "key": mode.key}
                     closed = Load(url, args.connections, args.seconds, **shape)
-                    # N connections pausing N ms each: about one request per millisecond.
+                    # N connections pausing N ms each on average: about one request per ms.
                     paced = Load(
                         url, args.paced, args.seconds, delay_ms=args.paced, pacing=args.pacing,
                         **shape,
