@@ -79,7 +79,7 @@ async def flushed(request: Request, timeout: float) -> bool:
     set to 0 for the wait (and put back): the wake-up then means "empty"."""
     transport = request.transport
     channel = request.channel
-    if transport is None or channel is None or not transport.get_write_buffer_size():
+    if transport is None or channel is None:
         return True
     low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(high=0, low=0)
@@ -97,6 +97,8 @@ async def flushed(request: Request, timeout: float) -> bool:
 
 
 def _holds_unsent(request: Request) -> bool:
+    """Whether the transport still holds response bytes: only then is `flushed` awaited (an
+    empty buffer needs no wait, and no coroutine is made for the usual case)."""
     transport = request.transport
     return transport is not None and bool(transport.get_write_buffer_size())
 
@@ -135,7 +137,7 @@ class AccessLog:
                 # duration_ms ends when the kernel took the last byte, not when it was queued.
                 if (
                     response.prepared
-                    and _holds_unsent(ctx.request)  # rarely: no coroutine for the usual case
+                    and _holds_unsent(ctx.request)
                     and not await flushed(ctx.request, self.write_timeout)
                 ):
                     ctx.error_type = ctx.error_type or "client_write_timeout"
