@@ -45,17 +45,10 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
     The failure is also recorded on the context, because a body consumer such as the upstream
     client may wrap the exception in its own.
     """
-    request = ctx.request
-    content = request.content
+    content = ctx.request.content
     if content is None:
         return
-    # RFC 9110 §10.1.1: an HTTP/1.0 client's 100-continue is ignored (it may not know 1xx).
-    if (request.channel is not None and request.version >= HTTP_11
-            and request.headers.get("Expect", "").lower() == "100-continue"):
-        try:
-            request.channel.write(_CONTINUE)
-        except ConnectionError as exc:
-            raise _fail(ctx, ClientGone("client disconnected before the request body")) from exc
+    _continue(ctx)
     deadline = None  # counted from the first read that can wait
     while True:
         try:
@@ -80,7 +73,7 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
             )
             raise _fail(ctx, error) from exc
         except Exception as exc:
-            transport = request.transport
+            transport = ctx.request.transport
             if transport is None or transport.is_closing():
                 raise _fail(ctx, ClientGone("client disconnected during the request body")) from exc
             raise _fail(ctx, BodyError(f"malformed request body: {exc}")) from exc
@@ -96,7 +89,32 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
 
 async def read(ctx: RequestContext, max_size: int, timeout: float) -> bytes:
     """The whole request body, bounded by `max_size` and `timeout`."""
+    content = ctx.request.content
+    if content is None:
+        return b""
+    if content.is_eof():
+        # Everything arrived with the head (the usual small body): taken at once, without the
+        # async generator that the loop would register, iterate and unregister.
+        _continue(ctx)
+        whole = content.take_all()
+        assert whole is not None
+        ctx.request_body_size += len(whole)
+        if ctx.request_body_size > max_size:
+            raise _fail(ctx, BodyTooLarge(f"the request body exceeds {max_size} bytes"))
+        return whole
     return b"".join([chunk async for chunk in stream(ctx, max_size, timeout)])
+
+
+def _continue(ctx: RequestContext) -> None:
+    """Answer `Expect: 100-continue` before the body is read."""
+    request = ctx.request
+    # RFC 9110 §10.1.1: an HTTP/1.0 client's 100-continue is ignored (it may not know 1xx).
+    if (request.channel is not None and request.version >= HTTP_11
+            and request.headers.get("Expect", "").lower() == "100-continue"):
+        try:
+            request.channel.write(_CONTINUE)
+        except ConnectionError as exc:
+            raise _fail(ctx, ClientGone("client disconnected before the request body")) from exc
 
 
 def _fail(ctx: RequestContext, error: BodyError) -> BodyError:

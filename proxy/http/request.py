@@ -115,6 +115,17 @@ class Body:
             self.on_drained()
         return chunk
 
+    def take_all(self) -> bytes | None:
+        """Every byte at once when the whole body has arrived (a small body comes with its
+        head), or None while some is still on the wire."""
+        if not self._eof:
+            return None
+        chunks = self._chunks
+        whole = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0  # after the end the server reads nothing more: no one to resume
+        return whole
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -15,9 +15,7 @@ import asyncio
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
-
-from multidict import CIMultiDict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
 from proxy.config import Limits, Route
 from proxy.config import Store as StoreConfig
@@ -93,8 +91,10 @@ async def _until_lease_end(op: Callable[[], Awaitable[object]], lease_end: float
             return
 
 
-def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload: bytes
-            ) -> Response:
+def _replay(ctx: RequestContext, status: int, stored: Sequence[tuple[str, str]],
+            payload: bytes) -> Response:
+    response = Response(status=status, body=payload, headers=stored)  # the one copy
+    headers = response.headers
     headers["Idempotent-Replayed"] = "true"
     headers["X-Trace-Id"] = ctx.trace_id
     headers["Server"] = SERVER
@@ -104,7 +104,7 @@ def _replay(ctx: RequestContext, status: int, headers: CIMultiDict[str], payload
         headers.add("Via", VIA)
     ctx.status = status
     ctx.response_body_size = len(payload)
-    return Response(status=status, body=payload, headers=headers)
+    return response
 
 
 class IdempotencyStage:
@@ -281,7 +281,7 @@ class IdempotencyStage:
                            "the memory store was near store.max_bytes)",
                            "idempotency_not_replayable")
         ctx.idempotency_outcome = IdempotencyOutcome.REPLAY
-        return _replay(ctx, stored.status, CIMultiDict(stored.headers), stored.body)
+        return _replay(ctx, stored.status, stored.headers, stored.body)
 
     async def _execute(self, ctx: RequestContext, key: str, token: str) -> StreamResponse:
         lease_end = asyncio.get_running_loop().time() + self.lease
