@@ -169,7 +169,11 @@ class Request:
         self.version = version
         self.raw_headers = raw_headers
         self.headers: CIMultiDictProxy[str] = (
-            CIMultiDictProxy(CIMultiDict((text(name), text(value)) for name, value in raw_headers))
+            # text() spelled out: two calls per field fewer on every request.
+            CIMultiDictProxy(CIMultiDict([
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in raw_headers
+            ]))
             if raw_headers
             else _NO_HEADERS
         )
