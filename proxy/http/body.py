@@ -97,7 +97,6 @@ async def read(ctx: RequestContext, max_size: int, timeout: float) -> bytes:
         # async generator that the loop would register, iterate and unregister.
         _continue(ctx)
         whole = content.take_all()
-        assert whole is not None
         ctx.request_body_size += len(whole)
         if ctx.request_body_size > max_size:
             raise _fail(ctx, BodyTooLarge(f"the request body exceeds {max_size} bytes"))

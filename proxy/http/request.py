@@ -115,15 +115,16 @@ class Body:
             self.on_drained()
         return chunk
 
-    def take_all(self) -> bytes | None:
-        """Every byte at once when the whole body has arrived (a small body comes with its
-        head), or None while some is still on the wire."""
-        if not self._eof:
-            return None
+    def take_all(self) -> bytes:
+        """Every queued byte at once, for a body that has ended (`is_eof`): a small body comes
+        with its head, and one over the high-water mark may have ended before reading paused."""
         chunks = self._chunks
         whole = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self.buffered = 0  # after the end the server reads nothing more: no one to resume
+        was_over = self.buffered > self.high
+        self.buffered = 0
+        if was_over and self.on_drained is not None:
+            self.on_drained()  # the server paused for this body: the next request may be read
         return whole
 
     def _wake(self) -> None:

@@ -111,3 +111,25 @@ async def test_an_http10_client_gets_no_100_continue() -> None:
 async def test_no_body_reads_empty() -> None:
     request = Request("POST", "/", "", HTTP_11, ((b"Host", b"a"),), "127.0.0.1", None, None)
     assert await body.read(RequestContext(request, "127.0.0.1"), 10, timeout=5) == b""
+
+
+@pytest.mark.parametrize("reader", ["read", "stream"])
+async def test_reading_a_body_over_the_high_water_mark_resumes_the_connection(reader: str) -> None:
+    """The server stops reading the socket once more than `high` bytes wait; reading the body
+    must hand reading back, also when the body ended in the same read that crossed the mark
+    (or the connection's next request is never read). `read` takes such a body whole."""
+    content = Body(high=len(WHOLE) // 2)
+    for piece in PIECES:
+        content.feed(piece)
+    content.feed_eof()
+    assert content.buffered > content.high, "over the mark: the server has paused"
+    resumed: list[int] = []
+    content.on_drained = lambda: resumed.append(content.buffered)
+    ctx, _ = context(content)
+    if reader == "read":
+        got = await body.read(ctx, len(WHOLE), timeout=5)
+    else:
+        got = b"".join([chunk async for chunk in body.stream(ctx, len(WHOLE), timeout=5)])
+    assert got == WHOLE
+    assert len(resumed) == 1, "reading resumed once"
+    assert content.complete and content.buffered == 0

@@ -25,7 +25,11 @@ BODY_SIZES = (0, 1, 100, 5000, 70000)
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, RawUpstream]]:
     upstream = RawUpstream().start()
     config = base_config(upstream.url, limits={"max_request_body": "1MiB"})
-    config["routes"] = [{"name": "x", "match": {"path_prefix": "/x"}, "upstream": "app"}]
+    config["routes"] = [
+        {"name": "k", "match": {"path_prefix": "/k", "methods": ["POST"]}, "upstream": "app",
+         "idempotency": {"enabled": True}},
+        {"name": "x", "match": {"path_prefix": "/x"}, "upstream": "app"},
+    ]
     proxy = ProxyProcess(Path(tmp_path_factory.mktemp("protocol")), config).start()
     try:
         yield proxy, upstream
@@ -207,6 +211,42 @@ def test_the_100_comes_when_the_body_is_read_and_the_body_arrives_intact(
     assert upstream_body(request) == forwarded
     assert request.header("Expect") is None
     assert then.target == "/x/next"
+
+
+# Around the 256 KiB past which the server stops reading while a body waits for its reader.
+KEYED_BODY_SIZES = (1000, 200_000, 262_144, 262_145, 300_000, 700_000)
+
+
+@pytest.mark.parametrize("size", KEYED_BODY_SIZES)
+@pytest.mark.parametrize("delivery", ["with-the-head", "after-the-head"])
+def test_a_keyed_body_of_any_size_leaves_the_connection_serving(
+    stack: tuple[ProxyProcess, RawUpstream], size: int, delivery: str
+) -> None:
+    """The idempotency stage reads a keyed body whole; however much of it waited for that
+    (over the high-water mark, the server paused reading), the connection reads the next
+    request afterwards: the first execution, its replay and a request behind them."""
+    proxy, upstream = stack
+    body = random.Random(size).randbytes(size)
+    head = b"POST /k/%d/%s HTTP/1.1\r\nHost: a\r\nIdempotency-Key: %d-%s\r\n" \
+        b"Content-Length: %d\r\n\r\n" % (size, delivery.encode(), size, delivery.encode(), size)
+    count = upstream.count
+    with connect(proxy.port) as sock:
+        reader = StrictReader(sock)
+        for sent in (1, 2):  # the first execution, then its replay
+            if delivery == "with-the-head":
+                sock.sendall(head + body)
+            else:
+                sock.sendall(head)
+                sock.sendall(body)
+            reader.read(sent)
+        sock.sendall(get("/x/after-keyed"))
+        first, replay, following = reader.read(3)
+    assert (first.status, replay.status, following.status) == (200, 200, 200)
+    assert replay.header("idempotent-replayed") == "true"
+    assert replay.body == first.body
+    [executed, then] = upstream.requests[count:]
+    assert upstream_body(executed) == body
+    assert then.target == "/x/after-keyed"
 
 
 def test_no_100_for_a_body_less_request_or_an_http10_client(
