@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 from proxy.config.urls import redact_url
 from proxy.http.headers import Headers
-from proxy.upstream.h1_connection import Connection, Report, Violation
-from proxy.upstream.h1_connection import Stale as _Stale
+from proxy.upstream.h1_connection import Connection
+from proxy.upstream.h1_state import Report, Violation
+from proxy.upstream.h1_state import Stale as _Stale
 from proxy.upstream.resend import may_repeat
 from proxy.upstream.transport import (
     UpstreamBroken,

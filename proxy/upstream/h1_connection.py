@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import select
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from enum import StrEnum
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 
 import httptools
 
 from proxy.http.headers import Headers
+from proxy.upstream.h1_state import Report, Stale, State, Violation
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamTimeout
 
 # Buffered response bytes at which reading from the upstream pauses, and resumes.
@@ -30,31 +30,6 @@ LOW_WATER = 64 * 1024
 # max_response_headers_kb is 60, nginx's proxy_buffer_size a few KiB.
 MAX_RESPONSE_HEAD = 64 * 1024
 _CRLF = b"\r\n"
-
-
-class State(StrEnum):
-    """Where the exchange on a connection stands (h11-style: one explicit state, not flags)."""
-
-    IDLE = "idle"  # no exchange: the upstream has nothing to say; any byte is a violation
-    WAITING = "waiting"  # request (being) sent, no final head yet; 1xx interim heads may come
-    BODY = "body"  # final head in, body arriving
-    DONE = "done"  # final response complete: not one more byte may arrive
-    FAILED = "failed"  # the exchange failed (`error`); the connection is closed
-
-
-class Violation(StrEnum):
-    """Why a connection was discarded: the `reason` of the counter and the event."""
-
-    EXTRA_BYTES = "extra_bytes"  # bytes after a complete response (same read or later)
-    BODY_NOT_ALLOWED = "body_not_allowed"  # bytes after a 204/304/HEAD response head
-    IDLE_BYTES = "idle_bytes"  # bytes on a pooled connection with no request outstanding
-
-
-Report = Callable[[Violation], None]
-
-
-class Stale(Exception):
-    """A reused keep-alive connection closed before any response byte arrived."""
 
 
 class _Beyond(Exception):

@@ -23,7 +23,7 @@ from proxy.observability.instruments import TargetMetrics
 from proxy.observability.metrics import Metrics, process_metrics
 from proxy.upstream.breaker import CLOSED, CircuitBreaker
 from proxy.upstream.h1 import H1Transport
-from proxy.upstream.h1_connection import Report, Violation
+from proxy.upstream.h1_state import Report, Violation
 from proxy.upstream.transport import (
     Transport,
     UpstreamError,

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from proxy.upstream.h1 import H1Transport
-from proxy.upstream.h1_connection import Violation
+from proxy.upstream.h1_state import Violation
 from proxy.upstream.transport import UpstreamResponse
 from tests.support.eventually import eventually
 from tests.support.scripted_upstream import ScriptedUpstream
