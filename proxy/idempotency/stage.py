@@ -4,10 +4,9 @@ retries from the record (replay, 409 in progress or indeterminate, 422 mismatch)
 Per keyed request: one store round trip to claim (which also returns an existing record for
 replay) and one to finalise. Finalisation runs before the last byte of the response goes to the
 client (so a retry sent the moment the client has its answer finds the record), in a shielded
-task, so it happens even when the client goes away (on a store whose operations never wait, the
-memory store, it runs inline: no cancellation can reach it); if the store fails then, the
-response is still delivered and the finalisation retried in the background until the lease
-ends (after which the key is indeterminate).
+task, so it happens even when the client goes away; if the store fails then, the response is
+still delivered and the finalisation retried in the background until the lease ends (after
+which the key is indeterminate).
 """
 
 from __future__ import annotations
@@ -289,12 +288,8 @@ class IdempotencyStage:
         recorder = ResponseRecorder(self.max_body, self.extra)
 
         async def commit() -> None:
-            work = self._finalise(ctx, recorder, key, token, lease_end)
-            if self.store.immediate:
-                await work  # it never waits, so no cancellation can reach it halfway
-            else:
-                # Shielded: a cancelled handler must still leave a finished record behind.
-                await asyncio.shield(_track(work))
+            # Shielded: a cancelled handler must still leave a finished record behind.
+            await asyncio.shield(_track(self._finalise(ctx, recorder, key, token, lease_end)))
 
         recorder.on_commit = commit
         ctx.tap = recorder

@@ -72,12 +72,6 @@ class Record:
 
 
 class Store(Protocol):
-    # True when no operation ever waits (each coroutine finishes in its first step): nothing
-    # can cancel one halfway, so the idempotency stage finalises without a shielded task of
-    # its own (two loop passes and a task per first execution). A store, or a subclass, whose
-    # operations may wait must say False.
-    immediate: bool
-
     async def claim(self, key: str, token: str, fingerprint: str, lease: Lease) -> Record | None:
         """Create an in-flight record owned by `token` and return None, or return the record
         already there (made indeterminate first if its holder's lease ran out and `lease.hold`;

@@ -28,8 +28,6 @@ SWEEP_INTERVAL = 1.0
 
 
 class MemoryStore:
-    immediate = True  # no operation awaits anything (tests/idempotency/test_stores.py)
-
     def __init__(
         self,
         max_records: int,

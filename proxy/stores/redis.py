@@ -55,8 +55,6 @@ def _ms(seconds: float) -> int:
 
 
 class RedisStore:
-    immediate = False  # every operation is a round trip
-
     def __init__(self, runner: ScriptRunner, budget: float) -> None:
         self.runner = runner
         self.budget = budget

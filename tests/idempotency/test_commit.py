@@ -27,8 +27,6 @@ COMMIT_LATENCY = 0.3
 
 
 class SlowCommitStore(MemoryStore):
-    immediate = False  # its finalisations wait: the stage must shield them
-
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
         await asyncio.sleep(COMMIT_LATENCY)  # injected store latency, not synchronisation
         return await super().complete(key, token, response, ttl)

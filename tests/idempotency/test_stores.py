@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -18,7 +17,6 @@ from tests.support.redis_server import RedisServer
 
 IN_FLIGHT, COMPLETED, INDETERMINATE = RecordState
 
-T = TypeVar("T")
 RESPONSE = StoredResponse(201, (("Content-Type", "application/json"),), b'{"id":1}', True)
 
 
@@ -191,56 +189,6 @@ async def test_memory_store_is_bounded_and_sweeps() -> None:
             assert loop.time() < deadline, "the sweeper never ran"
             await asyncio.sleep(0.02)
         assert await store.claim("c", "t", "fp", Lease(60, 60)) is None
-    finally:
-        await store.close()
-
-
-def first_step(work: Coroutine[Any, Any, T]) -> T:
-    """What `work` returns, provided it finishes without waiting (its first step)."""
-    try:
-        work.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    work.close()
-    pytest.fail("the operation waited")
-
-
-async def test_no_memory_store_operation_waits() -> None:
-    """`immediate`: the stage finalises on the memory store without a shielded task, which is
-    safe only while none of its operations can be cut short at a wait. Every operation, in
-    every state a record can be in, finishes in one step."""
-    assert MemoryStore.immediate and not RedisStore.immediate
-    store = MemoryStore(max_records=4)
-    hold, rerun = Lease(60, 60, hold=True), Lease(60, 60, hold=False)
-    gone = Lease(0.0, 60)  # a holder whose lease is already over
-    try:
-        assert first_step(store.claim("a", "t", "fp", hold)) is None
-        assert first_step(store.claim("a", "t", "fp", hold)) is None  # its own claim again
-        assert first_step(store.claim("a", "u", "fp", hold)).state is IN_FLIGHT
-        assert not first_step(store.complete("a", "u", RESPONSE, 60))  # not the owner
-        assert first_step(store.complete("a", "t", RESPONSE, 60))
-        assert first_step(store.complete("a", "t", RESPONSE, 60))  # a repeated completion
-        assert first_step(store.claim("a", "u", "fp", hold)).state is COMPLETED
-        assert first_step(store.get("a")) is not None
-        assert first_step(store.claim("b", "t", "fp", hold)) is None
-        assert first_step(store.mark_indeterminate("b", "t"))
-        assert not first_step(store.release("b", "t"))  # only an in-flight record is released
-        assert first_step(store.claim("c", "t", "fp", hold)) is None
-        assert first_step(store.release("c", "t"))
-        assert first_step(store.claim("d", "t", "fp", gone)) is None
-        assert first_step(store.claim("d", "u", "fp", hold)).state is INDETERMINATE
-        assert first_step(store.claim("e", "t", "fp", gone)) is None
-        assert first_step(store.claim("e", "u", "fp", rerun)) is None  # taken over
-        held, deleted = first_step(store.discard("e"))  # in flight under a live lease: kept
-        assert held is not None and held.state is IN_FLIGHT and not deleted
-        done, deleted = first_step(store.discard("a"))
-        assert done is not None and done.state is COMPLETED and deleted
-        assert first_step(store.get("a")) is None
-        assert first_step(store.claim("f", "t", "fp", hold)) is None  # the 4th record
-        with pytest.raises(StoreError, match="full"):
-            first_step(store.claim("g", "t", "fp", hold))
-        assert first_step(store.ping()) == 0.0
-        assert first_step(store.eviction_policy()) is None
     finally:
         await store.close()
 
