@@ -81,10 +81,7 @@ async def stream(ctx: RequestContext, max_size: int, timeout: float) -> AsyncIte
             if not content.is_eof():
                 raise _fail(ctx, ClientGone("client disconnected during the request body"))
             return
-        ctx.request_body_size += len(chunk)
-        if ctx.request_body_size > max_size:
-            raise _fail(ctx, BodyTooLarge(f"the request body exceeds {max_size} bytes"))
-        yield chunk
+        yield _counted(ctx, chunk, max_size)
 
 
 async def read(ctx: RequestContext, max_size: int, timeout: float) -> bytes:
@@ -96,12 +93,16 @@ async def read(ctx: RequestContext, max_size: int, timeout: float) -> bytes:
         # Everything arrived with the head (the usual small body): taken at once, without the
         # async generator that the loop would register, iterate and unregister.
         _continue(ctx)
-        whole = content.take_all()
-        ctx.request_body_size += len(whole)
-        if ctx.request_body_size > max_size:
-            raise _fail(ctx, BodyTooLarge(f"the request body exceeds {max_size} bytes"))
-        return whole
+        return _counted(ctx, content.take_all(), max_size)
     return b"".join([chunk async for chunk in stream(ctx, max_size, timeout)])
+
+
+def _counted(ctx: RequestContext, chunk: bytes, max_size: int) -> bytes:
+    """`chunk`, once added to the body's size; refused when the size passes `max_size`."""
+    ctx.request_body_size += len(chunk)
+    if ctx.request_body_size > max_size:
+        raise _fail(ctx, BodyTooLarge(f"the request body exceeds {max_size} bytes"))
+    return chunk
 
 
 def _continue(ctx: RequestContext) -> None:

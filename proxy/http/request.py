@@ -109,10 +109,7 @@ class Body:
             finally:
                 self._waiter = None
         chunk = self._chunks.popleft()
-        was_over = self.buffered > self.high
-        self.buffered -= len(chunk)
-        if was_over and self.buffered <= self.high and self.on_drained is not None:
-            self.on_drained()
+        self._taken(len(chunk))
         return chunk
 
     def take_all(self) -> bytes:
@@ -121,11 +118,15 @@ class Body:
         chunks = self._chunks
         whole = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        was_over = self.buffered > self.high
-        self.buffered = 0
-        if was_over and self.on_drained is not None:
-            self.on_drained()  # the server paused for this body: the next request may be read
+        self._taken(self.buffered)
         return whole
+
+    def _taken(self, size: int) -> None:
+        """`size` bytes left the queue: resume the server's reading if it paused for them."""
+        was_over = self.buffered > self.high
+        self.buffered -= size
+        if was_over and self.buffered <= self.high and self.on_drained is not None:
+            self.on_drained()
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -38,8 +38,8 @@ def context(content: Body, expect: bool = False, version: Version = HTTP_11
     return RequestContext(request, "127.0.0.1"), channel
 
 
-def arrived(pieces: list[bytes]) -> Body:
-    content = Body(high=1 << 20)
+def arrived(pieces: list[bytes], high: int = 1 << 20) -> Body:
+    content = Body(high)
     for piece in pieces:
         content.feed(piece)
     content.feed_eof()
@@ -118,10 +118,7 @@ async def test_reading_a_body_over_the_high_water_mark_resumes_the_connection(re
     """The server stops reading the socket once more than `high` bytes wait; reading the body
     must hand reading back, also when the body ended in the same read that crossed the mark
     (or the connection's next request is never read). `read` takes such a body whole."""
-    content = Body(high=len(WHOLE) // 2)
-    for piece in PIECES:
-        content.feed(piece)
-    content.feed_eof()
+    content = arrived(PIECES, high=len(WHOLE) // 2)
     assert content.buffered > content.high, "over the mark: the server has paused"
     resumed: list[int] = []
     content.on_drained = lambda: resumed.append(content.buffered)
