@@ -13,7 +13,6 @@ from proxy.http.request import Request
 from proxy.http.response import StreamResponse
 
 if TYPE_CHECKING:
-    from proxy.config import Route
     from proxy.upstream.transport import UpstreamResponse
 
 
@@ -77,7 +76,7 @@ class RequestContext:
     trace_replaced: list[str] | None = None
     # The normalised request path (proxy.http.path): what routing matched and the upstream gets.
     path: str = ""
-    route: Route | None = None
+    route_name: str | None = None  # the matched route's `name`
     # Set by idempotency when the request body was read up front to fingerprint it.
     body: bytes | None = None
     # Extra headers the stages add to the upstream request (trace context, ...).

@@ -8,6 +8,11 @@ from proxy.http.context import Decision, UpstreamOutcome
 from proxy.http.headers import replay_headers
 from proxy.stores.base import StoredResponse
 
+# Read per request, as globals: on Python 3.11 an enum class attribute is read through
+# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
+_NOT_SENT, _ANSWERED = UpstreamOutcome.NOT_SENT, UpstreamOutcome.ANSWERED
+_RELEASE, _INDETERMINATE, _COMPLETE = Decision.RELEASE, Decision.INDETERMINATE, Decision.COMPLETE
+
 # "Try again" answers: storing them would make a transient refusal permanent.
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
@@ -65,10 +70,10 @@ def decide(upstream_outcome: UpstreamOutcome | None, status: int, store_5xx: boo
     handler failed mid-way): the side effect may have happened, so the key is held
     indeterminate. Answered: store it, except "try again" answers and (by default) 5xx.
     """
-    if upstream_outcome == UpstreamOutcome.NOT_SENT:
-        return Decision.RELEASE
-    if upstream_outcome != UpstreamOutcome.ANSWERED:
-        return Decision.INDETERMINATE
+    if upstream_outcome == _NOT_SENT:
+        return _RELEASE
+    if upstream_outcome != _ANSWERED:
+        return _INDETERMINATE
     if status in RETRYABLE_4XX or (status >= 500 and not store_5xx):
-        return Decision.RELEASE
-    return Decision.COMPLETE
+        return _RELEASE
+    return _COMPLETE

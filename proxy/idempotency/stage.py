@@ -37,6 +37,14 @@ LEASE_MARGIN = 1.0
 FIRST_POLL, MAX_POLL = 0.02, 0.25
 MAX_BACKGROUND = 256
 
+# Members read per request, as globals: on Python 3.11 an enum class attribute is read through
+# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
+_BYPASS, _MISS, _REPLAY = (
+    IdempotencyOutcome.BYPASS, IdempotencyOutcome.MISS, IdempotencyOutcome.REPLAY
+)
+_IN_FLIGHT, _INDETERMINATE = RecordState.IN_FLIGHT, RecordState.INDETERMINATE
+_COMPLETE, _RELEASE = Decision.COMPLETE, Decision.RELEASE
+
 # Finalisations and releases still running after their request returned.
 _background: set[asyncio.Task[None]] = set()
 
@@ -117,9 +125,9 @@ class IdempotencyStage:
     """
 
     __slots__ = (
-        "extra", "fail_open", "hasher", "hold", "lease", "limits", "max_body", "methods", "next",
-        "required", "route_name", "scope_header", "store", "store_5xx", "terms", "ttl",
-        "wait_timeout",
+        "extra", "fail_open", "hasher", "hold", "json_depth", "lease", "max_body", "methods",
+        "next", "read_limit", "read_timeout", "required", "route_name", "scope_header", "store",
+        "store_5xx", "terms", "ttl", "wait_timeout",
     )
 
     def __init__(
@@ -136,7 +144,10 @@ class IdempotencyStage:
         policy = route.idempotency
         self.next = next_handler
         self.store = store
-        self.limits = limits
+        # Plain attributes, not the pydantic model's: read per request (docs/performance.md).
+        self.read_limit, self.read_timeout, self.json_depth = (
+            limits.max_request_body, limits.body_timeout, limits.max_json_depth
+        )
         self.hasher = hasher
         self.lease = lease
         self.methods = frozenset(policy.methods)
@@ -156,7 +167,7 @@ class IdempotencyStage:
             return await self.next(ctx)
         key = self._key(ctx)
         if key is None:  # no key on a route that does not require one
-            ctx.idempotency_outcome = IdempotencyOutcome.BYPASS
+            ctx.idempotency_outcome = _BYPASS
             return await self.next(ctx)
         if not isinstance(key, str):
             return key
@@ -175,9 +186,9 @@ class IdempotencyStage:
             except StoreError as exc:
                 return await self._store_failed(ctx, exc, storage, token)
             if record is None:
-                ctx.idempotency_outcome = IdempotencyOutcome.MISS
+                ctx.idempotency_outcome = _MISS
                 return await self._execute(ctx, storage, token)
-            if (record.state != RecordState.IN_FLIGHT or record.fingerprint != fp
+            if (record.state != _IN_FLIGHT or record.fingerprint != fp
                     or self.wait_timeout is None):
                 return self._answer(ctx, record, fp)
             # on_concurrent: wait. Claiming again both polls and takes over a released key.
@@ -211,11 +222,10 @@ class IdempotencyStage:
     async def _fingerprint(self, ctx: RequestContext, key: str) -> str | Response:
         """Read the body, derive the record id (`ctx.idempotency_record`) and the fingerprint."""
         request = ctx.request
-        limits = self.limits
         payload = b""
         if request.body_exists:
             try:
-                payload = await body.read(ctx, limits.max_request_body, limits.body_timeout)
+                payload = await body.read(ctx, self.read_limit, self.read_timeout)
             except body.BodyError as exc:
                 response = problem(exc.problem, str(exc), ctx.trace_id)
                 response.force_close()
@@ -236,7 +246,7 @@ class IdempotencyStage:
                 request.query_string,
                 request.headers.get("Content-Type"),
                 payload,
-                limits.max_json_depth,
+                self.json_depth,
             )
         except JsonTooDeep as exc:
             return _refuse(ctx, ProblemType.JSON_TOO_DEEP,
@@ -255,13 +265,13 @@ class IdempotencyStage:
                            "this Idempotency-Key was used for a different request (method, path, "
                            "query or body); use a new key for a new operation",
                            "idempotency_mismatch")
-        if record.state == RecordState.IN_FLIGHT:
+        if record.state == _IN_FLIGHT:
             ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
             return _refuse(ctx, ProblemType.IN_PROGRESS,
                            "a request with this Idempotency-Key is still being processed; retry "
                            "with the same key after Retry-After", "idempotency_in_progress",
                            [retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER))])
-        if record.state == RecordState.INDETERMINATE:
+        if record.state == _INDETERMINATE:
             ctx.idempotency_outcome = IdempotencyOutcome.INDETERMINATE
             if self.hold:  # no Retry-After: nothing changes for this key until an operator acts
                 return _refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,
@@ -280,7 +290,7 @@ class IdempotencyStage:
                            f"was not stored for replay (larger than {self.max_body} bytes, or "
                            "the memory store was near store.max_bytes)",
                            "idempotency_not_replayable")
-        ctx.idempotency_outcome = IdempotencyOutcome.REPLAY
+        ctx.idempotency_outcome = _REPLAY
         return _replay(ctx, stored.status, stored.headers, stored.body)
 
     async def _execute(self, ctx: RequestContext, key: str, token: str) -> StreamResponse:
@@ -305,10 +315,10 @@ class IdempotencyStage:
         )
         store = self.store
         op: Callable[[], Awaitable[bool]]
-        if decision == Decision.COMPLETE:
+        if decision == _COMPLETE:
             stored, ttl = recorder.stored(), self.ttl
             op = lambda: store.complete(key, token, stored, ttl)  # noqa: E731
-        elif decision == Decision.RELEASE:
+        elif decision == _RELEASE:
             op = lambda: store.release(key, token)  # noqa: E731
         else:
             op = lambda: store.mark_indeterminate(key, token)  # noqa: E731

@@ -194,7 +194,7 @@ class AccessLog:
         path: str | None,
     ) -> None:
         seconds = time.perf_counter() - ctx.start
-        route = ctx.route.name if ctx.route is not None else None
+        route = ctx.route_name
         metrics = self.metrics
         route_metrics = metrics.route(route)
         route_metrics.request(method or OTHER_METHOD, status, seconds)

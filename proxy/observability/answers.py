@@ -41,12 +41,15 @@ _REASON_PREFIXES = (
     ("idempotency_", ProxyReason.IDEMPOTENCY),
     ("request_", ProxyReason.BAD_REQUEST),
 )
+# Read per answer, as a global: on Python 3.11 an enum class attribute is read through
+# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
+_REPLAY = ProxyReason.REPLAY
 
 
 def proxy_reason(error_type: str | None, status: int, replayed: bool) -> ProxyReason:
     """The reason of an answer the proxy made (not relayed from the upstream)."""
     if replayed:
-        return ProxyReason.REPLAY
+        return _REPLAY
     if error_type is None:
         return ProxyReason.BAD_REQUEST if 400 <= status < 500 else ProxyReason.OTHER
     reason = _REASONS.get(error_type)

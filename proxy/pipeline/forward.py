@@ -40,6 +40,9 @@ _BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # The one idempotency outcome under which the upstream exchange must run to completion (its
 # response is being stored), whatever the client does.
 _CLAIMED = "miss"
+# Read per response as a global: an enum class attribute costs a call on Python 3.11
+# (EnumType.__getattr__'s slot; docs/performance.md).
+_ANSWERED = UpstreamOutcome.ANSWERED
 
 
 def handler(
@@ -54,6 +57,9 @@ def handler(
 
     rules = ForwardingRules(trusted, _NOT_FORWARDED, untrusted)  # once per route, not per request
     preserve_host = upstream.config.host is UpstreamHost.PRESERVE
+    write_timeout, max_body, body_timeout = (
+        limits.write_timeout, limits.max_request_body, limits.body_timeout
+    )
 
     async def forward(ctx: RequestContext) -> StreamResponse:
         request = ctx.request
@@ -67,7 +73,7 @@ def handler(
         if ctx.body is not None:
             payload = ctx.body
         elif request.body_exists:
-            payload = body.stream(ctx, limits.max_request_body, limits.body_timeout)
+            payload = body.stream(ctx, max_body, body_timeout)
             if request.content_length is not None:
                 headers.append(("Content-Length", str(request.content_length)))
         query = request.query_string
@@ -80,8 +86,8 @@ def handler(
             response = await send(ctx, request.method, target, headers, payload)
             ctx.upstream_duration = time.perf_counter() - started
             ctx.upstream_target = served_by(response)
-            ctx.upstream_outcome = UpstreamOutcome.ANSWERED
-            return await _relay(ctx, response, limits.write_timeout)
+            ctx.upstream_outcome = _ANSWERED
+            return await _relay(ctx, response, write_timeout)
         except UpstreamError as exc:
             ctx.upstream_duration = time.perf_counter() - started
             ctx.upstream_target = exc.target

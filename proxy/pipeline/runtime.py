@@ -38,7 +38,7 @@ from proxy.upstream.targets import Upstream
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
-    config: Route
+    name: str  # the config's, read per request without a pydantic attribute lookup
     handler: Handler
 
 
@@ -61,6 +61,12 @@ class Runtime:
         log: logsink.LineWriter | None = None,
     ) -> None:
         self.config = config
+        # Read per request: plain attributes, not pydantic ones (each of those is a lookup
+        # through BaseModel.__getattr__'s slot, several times a plain attribute's cost).
+        self.probes_on_data_port = config.health.on_data_port
+        self.trusted_proxies = config.trusted_proxies
+        self.max_header_bytes = config.limits.max_header_bytes
+        self.max_request_body = config.limits.max_request_body
         self.metrics = metrics or process_metrics()
         self.metrics.compile(config)
         self.access_log = AccessLog(
@@ -89,7 +95,7 @@ class Runtime:
             Spec(
                 r.match.path_prefix,
                 r.match.methods,
-                CompiledRoute(r, self._route_handler(r)),
+                CompiledRoute(r.name, self._route_handler(r)),
                 r.match.ignore_case,
             )
             for r in config.routes
@@ -161,20 +167,19 @@ class Runtime:
         found = self._route(ctx)
         if isinstance(found, StreamResponse):
             return _answered(found)
-        ctx.route = found.config
+        ctx.route_name = found.name
         return found.handler(ctx)
 
     def _route(self, ctx: RequestContext) -> CompiledRoute | StreamResponse:
         """The request's route, or the answer refusing it before any route runs."""
         request = ctx.request
-        limits = self.config.limits
         path = request.raw_path
         rejection = check_request(
             request.version,
             path,
             request.raw_headers,
             request.headers.getall("Transfer-Encoding", ()),
-            limits.max_header_bytes,
+            self.max_header_bytes,
         ) or check_host(request.headers.get("Host"))
         if rejection is not None:
             ctx.error_type = rejection.error_type
@@ -182,11 +187,11 @@ class Runtime:
             response.force_close()
             return response
         length = request.content_length
-        if length is not None and length > limits.max_request_body:
+        if length is not None and length > self.max_request_body:
             ctx.error_type = "request_body_too_large"
             response = problem(
                 ProblemType.BODY_TOO_LARGE,
-                f"Content-Length {length} exceeds the limit of {limits.max_request_body} bytes",
+                f"Content-Length {length} exceeds the limit of {self.max_request_body} bytes",
                 ctx.trace_id,
             )
             response.force_close()
@@ -284,12 +289,12 @@ class DataPlane:
 
     async def __call__(self, request: Request) -> StreamResponse:
         runtime = self.runtime
-        if runtime.config.health.on_data_port and request.method in ("GET", "HEAD"):
+        if runtime.probes_on_data_port and request.method in ("GET", "HEAD"):
             probe = self.probes.get(request.raw_path)
             if probe is not None:
                 return await probe(request.query_string)
         peer = request.remote or ""
-        trusted = runtime.config.trusted_proxies
+        trusted = runtime.trusted_proxies
         client_ip = (
             client_address(peer, request.headers.getall("X-Forwarded-For", ()), trusted)
             if trusted

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from enum import Enum, Flag, auto
+from enum import Enum
 
 # After an early answer (413, 408) the unread rest of the body is read and dropped this long
 # before closing: closing with unread bytes sends a reset, which can destroy the answer.
@@ -34,12 +34,20 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-class Pause(Flag):
-    """Why reading from the client is paused; it resumes when no reason is left."""
+# The phases as module globals, which the per-request code reads: on Python 3.11 reading
+# `Phase.IDLE` goes through EnumType.__getattr__'s slot, a call through the metaclass (about
+# 0.5k instructions against a few dozen for a global; docs/performance.md).
+IDLE, HEAD, BUSY, LINGER, CLOSED = Phase.IDLE, Phase.HEAD, Phase.BUSY, Phase.LINGER, Phase.CLOSED
 
-    BODY = auto()  # a request body waits unread beyond BODY_HIGH_WATER
-    PIPELINE = auto()  # a parsed request waits for the one before it
-    REFUSED = auto()  # the parser refused the input: nothing more is read
+
+class Pause:
+    """Why reading from the client is paused: bits of one int, so that setting and testing
+    them per request is integer arithmetic (a `Flag`'s operators are Python calls). Reading
+    resumes when no bit is left."""
+
+    BODY = 1  # a request body waits unread beyond BODY_HIGH_WATER
+    PIPELINE = 2  # a parsed request waits for the one before it
+    REFUSED = 4  # the parser refused the input: nothing more is read
 
 
 class ClientConnection(asyncio.Protocol):
@@ -52,8 +60,8 @@ class ClientConnection(asyncio.Protocol):
         self.loop = loop
         self.write_timeout = write_timeout
         self.transport: asyncio.Transport | None = None
-        self.phase = Phase.IDLE
-        self._paused_by = Pause(0)
+        self.phase = IDLE
+        self._paused_by = 0  # Pause bits
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._deadline: float | None = None
@@ -62,7 +70,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _lost(self, gone: Exception) -> None:
         """The socket is gone: no deadline, no writer left waiting."""
-        self.phase = Phase.CLOSED
+        self.phase = CLOSED
         for timer in (self._timer, self._probe):
             if timer is not None:
                 timer.cancel()
@@ -104,16 +112,16 @@ class ClientConnection(asyncio.Protocol):
     def _close(self, linger: bool) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
-            self.phase = Phase.CLOSED
+            self.phase = CLOSED
             return
         if linger and transport.can_write_eof():
-            self.phase = Phase.LINGER
+            self.phase = LINGER
             transport.write_eof()  # the answer, then EOF; the client's rest is read and dropped
             self._resume(Pause.BODY)
             self._resume(Pause.PIPELINE)
             self._set_deadline(self.loop.time() + LINGERING_TIME)
             return
-        self.phase = Phase.CLOSED
+        self.phase = CLOSED
         transport.close()
 
     def abort(self) -> None:
@@ -143,22 +151,22 @@ class ClientConnection(asyncio.Protocol):
     def _on_deadline(self) -> None:
         self._timer = None
         deadline = self._deadline
-        if deadline is None or self.phase is Phase.CLOSED:
+        if deadline is None or self.phase is CLOSED:
             return
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_deadline)
             return
         # No head within header_timeout (idle keep-alive, or a slowloris), or lingering is over.
         self._deadline = None
-        self.phase = Phase.CLOSED
+        self.phase = CLOSED
         if self.transport is not None:
             self.transport.close()
 
-    def _pause(self, reason: Pause) -> None:
+    def _pause(self, reason: int) -> None:
         if not self._paused_by and self.transport is not None:
             self.transport.pause_reading()
         self._paused_by |= reason
-        if reason is Pause.BODY and self._probe is None and _TCP_INFO is not None:
+        if reason == Pause.BODY and self._probe is None and _TCP_INFO is not None:
             self._probe = self.loop.call_later(PAUSED_PROBE, self._probe_peer)
 
     def _probe_peer(self) -> None:
@@ -178,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._probe = self.loop.call_later(PAUSED_PROBE, self._probe_peer)
 
-    def _resume(self, reason: Pause) -> None:
+    def _resume(self, reason: int) -> None:
         if not self._paused_by & reason:
             return
         self._paused_by &= ~reason

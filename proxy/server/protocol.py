@@ -24,7 +24,7 @@ import httptools
 from proxy.http.problem import ProblemType
 from proxy.http.request import HTTP_10, HTTP_11, Body, BodyFramingError, Request, Version
 from proxy.http.response import Response, StreamResponse
-from proxy.server.connection import ClientConnection, Pause, Phase
+from proxy.server.connection import BUSY, CLOSED, HEAD, IDLE, LINGER, ClientConnection, Pause
 from proxy.server.head import HeadLimits, Refusal, refusal_for, target_parts
 
 if TYPE_CHECKING:
@@ -77,14 +77,14 @@ class HttpProtocol(ClientConnection):
         self._set_deadline(self.loop.time() + self.server.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.LINGER or self.phase is Phase.CLOSED:
+        if self.phase is LINGER or self.phase is CLOSED:
             return  # dropped: the connection is ending
         if self._raw_body:
             data = self._feed_raw_body(data)
             if not data:
                 return
-        if self.phase is Phase.IDLE:
-            self.phase = Phase.HEAD
+        if self.phase is IDLE:
+            self.phase = HEAD
         if self._reading is None:
             self._head_bytes += len(data)  # reset when a head completes
         try:
@@ -170,7 +170,7 @@ class HttpProtocol(ClientConnection):
         self._reading = request
         self._headers = []  # from here on: trailers, counted and dropped
         self._head_bytes = 0
-        self.phase = Phase.BUSY
+        self.phase = BUSY
         self._set_deadline(None)
         if self._current is None and not self._queue:
             self._start(request)
@@ -224,7 +224,7 @@ class HttpProtocol(ClientConnection):
     def _finished(self, request: Request, response: StreamResponse) -> None:
         self._current = None
         self._task = None
-        if self.phase is Phase.CLOSED:
+        if self.phase is CLOSED:
             return
         body = request.content
         unread = body is not None and not body.is_eof()
@@ -242,7 +242,7 @@ class HttpProtocol(ClientConnection):
             self._send_refusal(self._refusal)
             return
         if self._reading is None:
-            self.phase = Phase.IDLE if not self._head_bytes else Phase.HEAD
+            self.phase = IDLE if not self._head_bytes else HEAD
             self._set_deadline(self.loop.time() + self.server.header_timeout)
         self._resume(Pause.PIPELINE)
 
@@ -274,7 +274,7 @@ class HttpProtocol(ClientConnection):
     def _refuse(self, refusal: Refusal) -> None:
         """The parser refused the input: answer (in turn) and close; nothing after it is read."""
         self._pause(Pause.REFUSED)
-        self.phase = Phase.BUSY
+        self.phase = BUSY
         reading = self._reading
         if reading is not None and reading.content is not None:
             # The head was accepted and is being handled: its body fails with the reason, and
@@ -301,10 +301,10 @@ class HttpProtocol(ClientConnection):
     def close_when_idle(self, fresh_too: bool) -> None:
         """Drain: close now if no request is in progress (and one was answered already, unless
         `fresh_too`), else after the current answer."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is CLOSED:
             return
         if self._current is None and not self._queue and self._reading is None:
-            if fresh_too or self.requests > 0 or self.phase is Phase.LINGER:
+            if fresh_too or self.requests > 0 or self.phase is LINGER:
                 self._close(linger=False)
         else:
             self._close_after = True

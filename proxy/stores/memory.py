@@ -25,6 +25,9 @@ from proxy.stores.budget import ByteBudget
 from proxy.stores.expiry import Expiries
 
 SWEEP_INTERVAL = 1.0
+# Read per request, as a global: on Python 3.11 an enum class attribute is read through
+# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
+_COMPLETED = RecordState.COMPLETED
 
 
 class MemoryStore:
@@ -98,7 +101,7 @@ class MemoryStore:
                 return None
             if found.lease_until > now:
                 return self._record(blob, now)
-            if not lease.hold and found.state != RecordState.COMPLETED:
+            if not lease.hold and found.state != _COMPLETED:
                 blob = None  # release_after_lease: the key is taken over below
             elif found.state == RecordState.IN_FLIGHT:  # the holder died: hold the key
                 blob = self._records[key] = packed.with_state(blob, RecordState.INDETERMINATE)
@@ -138,7 +141,7 @@ class MemoryStore:
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
         owned = self._owned(key, token)
-        if owned is None or owned[1].state == RecordState.COMPLETED:
+        if owned is None or owned[1].state == _COMPLETED:
             return owned is not None
         blob, found = owned
         headers, body, replayable = b"", b"", False
@@ -157,7 +160,7 @@ class MemoryStore:
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
         owned = self._owned(key, token)
-        if owned is None or owned[1].state == RecordState.COMPLETED:
+        if owned is None or owned[1].state == _COMPLETED:
             return False
         self._records[key] = packed.with_state(owned[0], RecordState.INDETERMINATE)
         return True

@@ -28,6 +28,7 @@ _EXPIRES = struct.Struct("<d")
 _EXPIRES_AT = struct.calcsize("<BBHdd")  # after the state, flags, status, lease and created
 _STATES = (RecordState.IN_FLIGHT, RecordState.COMPLETED, RecordState.INDETERMINATE)
 _CODES = {state: code for code, state in enumerate(_STATES)}
+_COMPLETED_CODE = _CODES[RecordState.COMPLETED]  # read per request: a global (memory.py)
 # flags
 _RESPONSE, _REPLAYABLE, _TOKEN_HEX, _FINGERPRINT_HEX = 1, 2, 4, 8
 _HEX_DIGITS = "0123456789abcdef"
@@ -97,7 +98,7 @@ def completed(blob: bytes, status: int, headers: bytes, body: bytes, replayable:
     """`blob` completed with a response (`headers` from headers_blob), kept until `expires_at`."""
     _, flags, _, lease_until, created, _, holder, token_len, fp_len, _ = _HEAD.unpack_from(blob)
     flags |= _RESPONSE | (_REPLAYABLE if replayable else 0)
-    head = _HEAD.pack(_CODES[RecordState.COMPLETED], flags, status, lease_until, created,
+    head = _HEAD.pack(_COMPLETED_CODE, flags, status, lease_until, created,
                       expires_at, holder, token_len, fp_len, len(headers))
     ids = blob[_HEAD.size : _HEAD.size + token_len + fp_len]
     return b"".join((head, ids, headers, body))

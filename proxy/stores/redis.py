@@ -33,6 +33,7 @@ from proxy.stores.base import (
 from proxy.stores.redis_record import (
     CLAIM,
     COMPLETE,
+    COMPLETED_CODE,
     DISCARD,
     GET,
     RELEASE,
@@ -122,7 +123,7 @@ class RedisStore:
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
         args: list[Arg] = [
             token,
-            STATE_CODES[RecordState.COMPLETED],
+            COMPLETED_CODE,
             _ms(ttl),
             response.status,
             orjson.dumps(response.headers),

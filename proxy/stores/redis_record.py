@@ -38,6 +38,10 @@ _U32 = struct.Struct(">I")
 _STATES = {b"f": RecordState.IN_FLIGHT, b"c": RecordState.COMPLETED,
            b"i": RecordState.INDETERMINATE}
 STATE_CODES = {state: code.decode() for code, state in _STATES.items()}
+# Read per request, as a global: on Python 3.11 an enum class attribute is read through
+# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
+_COMPLETED = RecordState.COMPLETED
+COMPLETED_CODE = STATE_CODES[_COMPLETED]
 
 # Shared by the scripts: the server's clock in ms (never the proxy's: replicas' clocks differ;
 # one server decides), and the record's kind, state, token and lease deadline whatever its
@@ -170,7 +174,7 @@ def parse_record(reply: Sequence[Any], expired_now: bool = False) -> Record:
     at += 2 + size
     state = _STATES[code]
     response = None
-    if state == RecordState.COMPLETED:
+    if state == _COMPLETED:
         (size,) = _U32.unpack_from(record, at)
         at += 4
         headers = tuple((k, v) for k, v in orjson.loads(record[at:at + size]))
@@ -187,7 +191,7 @@ def _from_hash(reply: Sequence[bytes], pttl: int, now: int, expired_now: bool) -
         raise StoreError(f"record schema {version!r} is not supported by this version")
     state = RecordState(fields[b"state"].decode())
     response = None
-    if state == RecordState.COMPLETED:
+    if state == _COMPLETED:
         headers = tuple((k, v) for k, v in orjson.loads(fields[b"headers"]))
         response = StoredResponse(
             int(fields[b"status"]), headers, fields[b"body"], fields[b"replayable"] == b"1"

@@ -20,7 +20,7 @@ from typing import cast
 import httptools
 
 from proxy.http.headers import Headers
-from proxy.upstream.h1_state import Report, Stale, State, Violation
+from proxy.upstream.h1_state import BODY, DONE, FAILED, IDLE, WAITING, Report, Stale, Violation
 from proxy.upstream.transport import UpstreamBroken, UpstreamError, UpstreamTimeout
 
 # Buffered response bytes at which reading from the upstream pauses, and resumes.
@@ -45,7 +45,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.fd = -1  # the plain TCP socket's descriptor, for the check at reuse (-1: TLS)
         self.poller: select.poll | None = None  # watches `fd` (made once: half the cost)
-        self.state = State.IDLE
+        self.state = IDLE
         self.closed = False
         self.parser: httptools.HttpResponseParser | None = None
         self.reused = False
@@ -83,11 +83,11 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         parser = self.parser
-        if parser is None or (state is not State.WAITING and state is not State.BODY):
-            if state is not State.FAILED:
+        if parser is None or (state is not WAITING and state is not BODY):
+            if state is not FAILED:
                 self.violate(self._stray())
             return
-        if state is State.WAITING:
+        if state is WAITING:
             self.head_received += len(data)
         try:
             used = self._feed(parser, data)
@@ -95,15 +95,15 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamBroken("the upstream switched protocols"))
             return
         except httptools.HttpParserError as exc:
-            if self.state is State.DONE:
+            if self.state is DONE:
                 self.violate(self._stray())  # stopped by _Beyond, or llhttp's own error
-            elif self.state is not State.FAILED:
+            elif self.state is not FAILED:
                 self._fail(UpstreamBroken(f"malformed upstream response: {exc}"))
             return
-        if self.state is State.DONE and used < len(data):
+        if self.state is DONE and used < len(data):
             self.violate(self._stray())
         elif self.head_size > MAX_RESPONSE_HEAD or (
-            self.state is State.WAITING and self.head_received > MAX_RESPONSE_HEAD
+            self.state is WAITING and self.head_received > MAX_RESPONSE_HEAD
         ):
             self._fail(UpstreamBroken(
                 f"upstream response head larger than {MAX_RESPONSE_HEAD} bytes"
@@ -121,9 +121,9 @@ class Connection(asyncio.Protocol):
         size = len(data)
         end = len(data.rstrip(_CRLF))
         used = 0
-        while used < size and (self.state is State.WAITING or self.state is State.BODY):
+        while used < size and (self.state is WAITING or self.state is BODY):
             left = self.body_left
-            if left is not None and self.state is State.BODY:
+            if left is not None and self.state is BODY:
                 step = min(left, size - used)
             elif used < end:
                 step = end - used
@@ -139,14 +139,14 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         state = self.state
-        if state is not State.WAITING and state is not State.BODY:
+        if state is not WAITING and state is not BODY:
             return
-        if state is State.WAITING and not self.head_received:
+        if state is WAITING and not self.head_received:
             if self.reused:
                 self._fail(Stale())
             else:
                 self._fail(UpstreamBroken("the upstream closed the connection without answering"))
-        elif state is State.BODY and not self.delimited:
+        elif state is BODY and not self.delimited:
             self.keep_alive = False
             self._finish()  # a close-delimited body ends here
         else:
@@ -162,7 +162,7 @@ class Connection(asyncio.Protocol):
     # --- llhttp callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.state is State.DONE:
+        if self.state is DONE:
             raise _Beyond  # a second head (a stray 100 Continue too) or garbage: stop here
 
     def on_status(self, reason: bytes) -> None:
@@ -195,7 +195,7 @@ class Connection(asyncio.Protocol):
                 chunked = True
         self.content_length = self.body_left = None if chunked else length
         self.delimited = chunked or length is not None or status in (204, 304)
-        self.state = State.BODY
+        self.state = BODY
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
         if self.head_only:
@@ -206,7 +206,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, chunk: bytes) -> None:
-        if self.state is not State.BODY:
+        if self.state is not BODY:
             raise _Beyond  # a body after a HEAD response's head
         self.body.append(chunk)
         self.buffered += len(chunk)
@@ -218,7 +218,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self.state is State.BODY:
+        if self.state is BODY:
             assert self.parser is not None
             self.keep_alive = self.parser.should_keep_alive()
             self._finish()
@@ -228,7 +228,7 @@ class Connection(asyncio.Protocol):
 
     def begin(self, head_only: bool) -> None:
         self.parser = httptools.HttpResponseParser(self)
-        self.state = State.WAITING
+        self.state = WAITING
         self.head_only = head_only
         self.sent_all = False
         self.head_size = self.head_received = 0
@@ -253,7 +253,7 @@ class Connection(asyncio.Protocol):
         written = 0
         try:
             async for chunk in body:
-                if self.state is not State.WAITING:
+                if self.state is not WAITING:
                     return  # the upstream answered (or failed) before taking the whole body
                 if not chunk:
                     continue
@@ -264,7 +264,7 @@ class Connection(asyncio.Protocol):
                     raise UpstreamBroken("the request body is longer than its Content-Length")
                 else:
                     transport.write(chunk)
-                while self.writing_paused and self.state is State.WAITING:
+                while self.writing_paused and self.state is WAITING:
                     await self._wait()
         except UpstreamError:
             self._close()
@@ -273,7 +273,7 @@ class Connection(asyncio.Protocol):
             # The client's body failed (the caller finds the cause on its context).
             self._close()
             raise UpstreamBroken(f"the request body could not be read: {exc}") from exc
-        if self.state is not State.WAITING:
+        if self.state is not WAITING:
             return
         if length is None:
             transport.write(b"0\r\n\r\n")
@@ -289,7 +289,7 @@ class Connection(asyncio.Protocol):
                 yield self._take()
             elif self.error is not None:
                 raise self.error
-            elif self.state is State.DONE:
+            elif self.state is DONE:
                 return
             else:
                 await self._wait()
@@ -301,7 +301,7 @@ class Connection(asyncio.Protocol):
         No async generator is started for it: one left suspended after its only chunk is
         closed by the loop's finaliser, which costs a task and a cross-thread wake-up (two
         system calls) per request."""
-        if self.state is not State.DONE or len(self.body) > 1:
+        if self.state is not DONE or len(self.body) > 1:
             return None
         return self._take() if self.body else b""
 
@@ -314,13 +314,13 @@ class Connection(asyncio.Protocol):
         return chunk
 
     def timed_out(self, seconds: float) -> None:
-        if self.state is State.WAITING or self.state is State.BODY:
+        if self.state is WAITING or self.state is BODY:
             self._fail(UpstreamTimeout(f"no complete upstream response within {seconds:g}s"))
 
     @property
     def reusable(self) -> bool:
         return (
-            self.state is State.DONE
+            self.state is DONE
             and self.keep_alive
             and self.sent_all
             and not self.body
@@ -334,7 +334,7 @@ class Connection(asyncio.Protocol):
             head.exception()  # retrieved: a failure after the request failed is not news
         self.parser = None
         self.head = None
-        self.state = State.IDLE
+        self.state = IDLE
 
     def violate(self, violation: Violation) -> None:
         """Discard the connection over bytes outside any response's framing, and say so."""
@@ -345,18 +345,18 @@ class Connection(asyncio.Protocol):
 
     def _stray(self) -> Violation:
         """What bytes arriving now are: the state says whether any response is outstanding."""
-        if self.state is State.IDLE:
+        if self.state is IDLE:
             return Violation.IDLE_BYTES
         bodiless = self.head_only or self.status in (204, 304)
         return Violation.BODY_NOT_ALLOWED if bodiless else Violation.EXTRA_BYTES
 
     def _finish(self) -> None:
-        self.state = State.DONE
+        self.state = DONE
         self._wake()
 
     def _fail(self, error: UpstreamError | Stale) -> None:
         self.error = error
-        self.state = State.FAILED
+        self.state = FAILED
         if self.head is not None and not self.head.done():
             self.head.set_exception(error)
         self._close()

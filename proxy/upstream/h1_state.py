@@ -19,6 +19,12 @@ class State(StrEnum):
     FAILED = "failed"  # the exchange failed (`error`); the connection is closed
 
 
+# The states as module globals, which the per-exchange code reads: on Python 3.11 reading
+# `State.WAITING` goes through EnumType.__getattr__'s slot, a call through the metaclass (about
+# 0.5k instructions against a few dozen for a global; docs/performance.md). 3.12 dropped it.
+IDLE, WAITING, BODY, DONE, FAILED = State.IDLE, State.WAITING, State.BODY, State.DONE, State.FAILED
+
+
 class Violation(StrEnum):
     """Why a connection was discarded: the `reason` of the counter and the event."""
 
