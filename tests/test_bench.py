@@ -139,7 +139,7 @@ def test_targets_are_judged_from_the_runs_own_figures() -> None:
 
     assert [(t["shown"], t["verdict"]) for t in judged] == [
         ("1.25x", Verdict.MISS),
-        ("0.09x", Verdict.MISS),
+        ("0.090x", Verdict.MISS),
         ("1.45 ms", Verdict.MISS),
         ("0.171", Verdict.MISS),  # 0.165 cores at 967 req/s, scaled to 1,000 req/s
         ("0.50x", Verdict.MISS),
