@@ -71,8 +71,10 @@ def lease_for(upstream_timeout: float, store_timeout: float) -> float:
 
 
 
-def _track(work: Coroutine[None, None, None]) -> asyncio.Task[None]:
-    task = asyncio.ensure_future(work)
+def _track(
+    work: Coroutine[None, None, None], loop: asyncio.AbstractEventLoop
+) -> asyncio.Task[None]:
+    task = loop.create_task(work)
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task
@@ -82,7 +84,7 @@ def _spawn(work: Coroutine[None, None, None]) -> None:
     if len(_background) >= MAX_BACKGROUND:
         work.close()  # the record still ends with its lease; only the early cleanup is lost
         return
-    _track(work)
+    _track(work, asyncio.get_running_loop())
 
 
 async def _until_lease_end(op: Callable[[], Awaitable[object]], lease_end: float) -> None:
@@ -125,9 +127,9 @@ class IdempotencyStage:
     """
 
     __slots__ = (
-        "extra", "fail_open", "hasher", "hold", "json_depth", "lease", "max_body", "methods",
-        "next", "read_limit", "read_timeout", "required", "route_name", "scope_header", "store",
-        "store_5xx", "terms", "ttl", "wait_timeout",
+        "extra", "fail_open", "hasher", "hold", "json_depth", "lease", "loop", "max_body",
+        "methods", "next", "read_limit", "read_timeout", "required", "route_name",
+        "scope_header", "store", "store_5xx", "terms", "ttl", "wait_timeout",
     )
 
     def __init__(
@@ -161,6 +163,9 @@ class IdempotencyStage:
         self.wait_timeout = policy.wait_timeout if policy.on_concurrent == "wait" else None
         self.hold = policy.on_indeterminate == "hold"
         self.terms = Lease(lease, policy.ttl, self.hold, holder())
+        # Bound at the first keyed request: on Python 3.11 every get_running_loop() is a
+        # getpid() system call.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, ctx: RequestContext) -> StreamResponse:
         if ctx.request.method not in self.methods:
@@ -294,12 +299,16 @@ class IdempotencyStage:
         return _replay(ctx, stored.status, stored.headers, stored.body)
 
     async def _execute(self, ctx: RequestContext, key: str, token: str) -> StreamResponse:
-        lease_end = asyncio.get_running_loop().time() + self.lease
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        lease_end = loop.time() + self.lease
         recorder = ResponseRecorder(self.max_body, self.extra)
 
         async def commit() -> None:
             # Shielded: a cancelled handler must still leave a finished record behind.
-            await asyncio.shield(_track(self._finalise(ctx, recorder, key, token, lease_end)))
+            work = self._finalise(ctx, recorder, key, token, lease_end)
+            await asyncio.shield(_track(work, loop))
 
         recorder.on_commit = commit
         ctx.tap = recorder

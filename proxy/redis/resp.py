@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import hiredis
@@ -39,14 +39,19 @@ class RespConnectionError(Exception):
     """The connection could not be made, or broke before the reply arrived."""
 
 
-def _bulk(arg: Arg) -> bytes:
-    if isinstance(arg, str):
-        data = arg.encode()
-    elif isinstance(arg, int):
-        data = b"%d" % arg
-    else:
-        data = arg
-    return b"$%d\r\n%s\r\n" % (len(data), data)
+def _bulks(args: Iterable[Arg]) -> list[bytes]:
+    """Each argument as a RESP bulk string. One loop, not a function per argument: a keyed
+    request packs about 15 of them."""
+    out = []
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            data = arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return out
 
 
 class Lead:
@@ -57,7 +62,7 @@ class Lead:
 
     def __init__(self, *args: Arg) -> None:
         self.count = len(args)
-        self.data = b"".join(map(_bulk, args))
+        self.data = b"".join(_bulks(args))
 
 
 NO_LEAD = Lead()
@@ -65,7 +70,7 @@ NO_LEAD = Lead()
 
 def pack(args: Sequence[Arg], lead: Lead = NO_LEAD) -> bytes:
     """One command (`lead` then `args`) as a RESP array of bulk strings."""
-    return b"".join((b"*%d\r\n" % (lead.count + len(args)), lead.data, *map(_bulk, args)))
+    return b"".join((b"*%d\r\n" % (lead.count + len(args)), lead.data, *_bulks(args)))
 
 
 class _Connection(asyncio.Protocol):
