@@ -29,7 +29,15 @@ from proxy.idempotency.jcs import JsonTooDeep
 from proxy.idempotency.keys import KeyHasher, parse_key, record_key
 from proxy.idempotency.recorder import ResponseRecorder, decide
 from proxy.observability.events import emit
-from proxy.stores.base import Lease, Record, RecordState, Store, StoreError, StoreTimeout
+from proxy.stores.base import (
+    IN_FLIGHT,
+    INDETERMINATE,
+    Lease,
+    Record,
+    Store,
+    StoreError,
+    StoreTimeout,
+)
 
 HEADER = "Idempotency-Key"
 # Lease = upstream timeout + this + two store budgets (claim and finalise).
@@ -42,7 +50,6 @@ MAX_BACKGROUND = 256
 _BYPASS, _MISS, _REPLAY = (
     IdempotencyOutcome.BYPASS, IdempotencyOutcome.MISS, IdempotencyOutcome.REPLAY
 )
-_IN_FLIGHT, _INDETERMINATE = RecordState.IN_FLIGHT, RecordState.INDETERMINATE
 _COMPLETE, _RELEASE = Decision.COMPLETE, Decision.RELEASE
 
 # Finalisations and releases still running after their request returned.
@@ -193,7 +200,7 @@ class IdempotencyStage:
             if record is None:
                 ctx.idempotency_outcome = _MISS
                 return await self._execute(ctx, storage, token)
-            if (record.state != _IN_FLIGHT or record.fingerprint != fp
+            if (record.state != IN_FLIGHT or record.fingerprint != fp
                     or self.wait_timeout is None):
                 return self._answer(ctx, record, fp)
             # on_concurrent: wait. Claiming again both polls and takes over a released key.
@@ -270,13 +277,13 @@ class IdempotencyStage:
                            "this Idempotency-Key was used for a different request (method, path, "
                            "query or body); use a new key for a new operation",
                            "idempotency_mismatch")
-        if record.state == _IN_FLIGHT:
+        if record.state == IN_FLIGHT:
             ctx.idempotency_outcome = IdempotencyOutcome.CONFLICT
             return _refuse(ctx, ProblemType.IN_PROGRESS,
                            "a request with this Idempotency-Key is still being processed; retry "
                            "with the same key after Retry-After", "idempotency_in_progress",
                            [retry_after(min(record.lease_remaining, IN_PROGRESS_RETRY_AFTER))])
-        if record.state == _INDETERMINATE:
+        if record.state == INDETERMINATE:
             ctx.idempotency_outcome = IdempotencyOutcome.INDETERMINATE
             if self.hold:  # no Retry-After: nothing changes for this key until an operator acts
                 return _refuse(ctx, ProblemType.OUTCOME_INDETERMINATE,

@@ -24,6 +24,14 @@ class RecordState(StrEnum):
     INDETERMINATE = "indeterminate"
 
 
+# The states as module globals, which the stores and the idempotency stage read per request: on
+# Python 3.11 reading `RecordState.COMPLETED` goes through EnumType.__getattr__'s slot, a call
+# (docs/performance.md, "Enum members and config fields").
+IN_FLIGHT, COMPLETED, INDETERMINATE = (
+    RecordState.IN_FLIGHT, RecordState.COMPLETED, RecordState.INDETERMINATE
+)
+
+
 class StoreError(Exception):
     """The store did not answer within its budget, refused, or is full."""
 

@@ -20,14 +20,19 @@ import time
 
 from proxy.config import DEFAULT_STORE_MAX_BYTES
 from proxy.stores import packed
-from proxy.stores.base import Lease, Record, RecordState, StoredResponse, StoreError
+from proxy.stores.base import (
+    COMPLETED,
+    IN_FLIGHT,
+    INDETERMINATE,
+    Lease,
+    Record,
+    StoredResponse,
+    StoreError,
+)
 from proxy.stores.budget import ByteBudget
 from proxy.stores.expiry import Expiries
 
 SWEEP_INTERVAL = 1.0
-# Read per request, as a global: on Python 3.11 an enum class attribute is read through
-# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
-_COMPLETED = RecordState.COMPLETED
 
 
 class MemoryStore:
@@ -101,10 +106,10 @@ class MemoryStore:
                 return None
             if found.lease_until > now:
                 return self._record(blob, now)
-            if not lease.hold and found.state != _COMPLETED:
+            if not lease.hold and found.state != COMPLETED:
                 blob = None  # release_after_lease: the key is taken over below
-            elif found.state == RecordState.IN_FLIGHT:  # the holder died: hold the key
-                blob = self._records[key] = packed.with_state(blob, RecordState.INDETERMINATE)
+            elif found.state == IN_FLIGHT:  # the holder died: hold the key
+                blob = self._records[key] = packed.with_state(blob, INDETERMINATE)
                 return self._record(blob, now, expired_now=True)
             else:
                 return self._record(blob, now)
@@ -141,7 +146,7 @@ class MemoryStore:
 
     async def complete(self, key: str, token: str, response: StoredResponse, ttl: float) -> bool:
         owned = self._owned(key, token)
-        if owned is None or owned[1].state == _COMPLETED:
+        if owned is None or owned[1].state == COMPLETED:
             return owned is not None
         blob, found = owned
         headers, body, replayable = b"", b"", False
@@ -160,14 +165,14 @@ class MemoryStore:
 
     async def mark_indeterminate(self, key: str, token: str) -> bool:
         owned = self._owned(key, token)
-        if owned is None or owned[1].state == _COMPLETED:
+        if owned is None or owned[1].state == COMPLETED:
             return False
-        self._records[key] = packed.with_state(owned[0], RecordState.INDETERMINATE)
+        self._records[key] = packed.with_state(owned[0], INDETERMINATE)
         return True
 
     async def release(self, key: str, token: str) -> bool:
         owned = self._owned(key, token)
-        if owned is None or owned[1].state != RecordState.IN_FLIGHT:
+        if owned is None or owned[1].state != IN_FLIGHT:
             return False
         self._remove(key, owned[0])
         return True
@@ -178,7 +183,7 @@ class MemoryStore:
         if blob is None:
             return None, False
         record = self._record(blob, now)
-        if record.state == RecordState.IN_FLIGHT and record.lease_remaining > 0:
+        if record.state == IN_FLIGHT and record.lease_remaining > 0:
             return record, False
         self._remove(key, blob)
         return record, True

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from proxy.redis.scripts import Script
-from proxy.stores.base import Record, RecordState, StoredResponse, StoreError
+from proxy.stores.base import COMPLETED, Record, RecordState, StoredResponse, StoreError
 
 SCHEMA_VERSION = 3
 # Hash records of the previous releases: 1 (no lease deadline: they end by PEXPIRE), 2.
@@ -38,10 +38,7 @@ _U32 = struct.Struct(">I")
 _STATES = {b"f": RecordState.IN_FLIGHT, b"c": RecordState.COMPLETED,
            b"i": RecordState.INDETERMINATE}
 STATE_CODES = {state: code.decode() for code, state in _STATES.items()}
-# Read per request, as a global: on Python 3.11 an enum class attribute is read through
-# EnumType.__getattr__'s slot, a call (docs/performance.md, "Enum members and config fields").
-_COMPLETED = RecordState.COMPLETED
-COMPLETED_CODE = STATE_CODES[_COMPLETED]
+COMPLETED_CODE = STATE_CODES[COMPLETED]  # read per request: a global (stores/base.py)
 
 # Shared by the scripts: the server's clock in ms (never the proxy's: replicas' clocks differ;
 # one server decides), and the record's kind, state, token and lease deadline whatever its
@@ -174,7 +171,7 @@ def parse_record(reply: Sequence[Any], expired_now: bool = False) -> Record:
     at += 2 + size
     state = _STATES[code]
     response = None
-    if state == _COMPLETED:
+    if state == COMPLETED:
         (size,) = _U32.unpack_from(record, at)
         at += 4
         headers = tuple((k, v) for k, v in orjson.loads(record[at:at + size]))
@@ -191,7 +188,7 @@ def _from_hash(reply: Sequence[bytes], pttl: int, now: int, expired_now: bool) -
         raise StoreError(f"record schema {version!r} is not supported by this version")
     state = RecordState(fields[b"state"].decode())
     response = None
-    if state == _COMPLETED:
+    if state == COMPLETED:
         headers = tuple((k, v) for k, v in orjson.loads(fields[b"headers"]))
         response = StoredResponse(
             int(fields[b"status"]), headers, fields[b"body"], fields[b"replayable"] == b"1"
